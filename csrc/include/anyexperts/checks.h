@@ -1,0 +1,162 @@
+// Input validation shared by the CPU and CUDA kernels: one message per rule, checked
+// before any dispatch. Values that would need a device sync (ids, slots, offsets) are not
+// checked here; the kernels clamp or mask them by the rules in rules.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string_view>
+
+#include "anyexperts/rules.h"
+
+namespace anyexperts {
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
+  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_int32(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
+              t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " and ", name_b,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// Weights accumulate in fp32, or fp64 when the data is fp64.
+inline void check_weights_dtype(const at::Tensor& w, at::ScalarType data, const char* op) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat ||
+                  (w.scalar_type() == at::kDouble && data == at::kDouble),
+              op, ": weights must be float32 (or float64 with float64 data), got ",
+              w.scalar_type());
+}
+
+inline Norm parse_norm(std::string_view norm) {
+  if (norm == "none") return Norm::kNone;
+  if (norm == "selected") return Norm::kSelected;
+  if (norm == "real") return Norm::kReal;
+  TORCH_CHECK(false, "segmented_topk: norm must be 'none', 'selected' or 'real', got '", norm,
+              "'");
+}
+
+inline void check_segmented_topk(const at::Tensor& logits, const at::Tensor& slots,
+                                 const at::Tensor& max_virtual, int64_t k_max,
+                                 int64_t num_real) {
+  constexpr const char* op = "segmented_topk";
+  check_float(logits, op, "logits", 2);
+  check_int32(slots, op, "slots", 1);
+  check_int32(max_virtual, op, "max_virtual", 1);
+  check_same_device(logits, slots, op, "logits", "slots");
+  check_same_device(logits, max_virtual, op, "logits", "max_virtual");
+  TORCH_CHECK(slots.size(0) == logits.size(0) && max_virtual.size(0) == logits.size(0), op,
+              ": slots and max_virtual must have one entry per token (", logits.size(0),
+              "), got ", slots.size(0), " and ", max_virtual.size(0));
+  TORCH_CHECK(k_max >= 0, op, ": k_max must be >= 0, got ", k_max);
+  TORCH_CHECK(num_real >= 0 && num_real <= logits.size(1), op,
+              ": num_real must be in [0, E] with E = ", logits.size(1), ", got ", num_real);
+}
+
+inline void check_segmented_topk_backward(const at::Tensor& grad_weights,
+                                          const at::Tensor& logits, const at::Tensor& ids,
+                                          int64_t num_real) {
+  constexpr const char* op = "segmented_topk_backward";
+  check_float(logits, op, "logits", 2);
+  check_int32(ids, op, "ids", 2);
+  TORCH_CHECK(grad_weights.dim() == 2 && grad_weights.sizes() == ids.sizes(), op,
+              ": grad_weights must have the shape of ids ", ids.sizes(), ", got ",
+              grad_weights.sizes());
+  check_float(grad_weights, op, "grad_weights", 2);
+  TORCH_CHECK(ids.size(0) == logits.size(0), op, ": ids must have one row per token");
+  check_same_device(logits, ids, op, "logits", "ids");
+  check_same_device(logits, grad_weights, op, "logits", "grad_weights");
+  TORCH_CHECK(num_real >= 0 && num_real <= logits.size(1), op,
+              ": num_real must be in [0, E], got ", num_real);
+}
+
+inline void check_permute(const at::Tensor& x, const at::Tensor& ids, int64_t num_real,
+                          int64_t align) {
+  constexpr const char* op = "permute";
+  check_float(x, op, "x", 2);
+  check_int32(ids, op, "ids", 2);
+  check_same_device(x, ids, op, "x", "ids");
+  TORCH_CHECK(ids.size(0) == x.size(0), op, ": ids must have one row per token of x (",
+              x.size(0), "), got ", ids.size(0));
+  TORCH_CHECK(num_real >= 1, op, ": num_real must be >= 1, got ", num_real);
+  TORCH_CHECK(align >= 1, op, ": align must be >= 1, got ", align);
+  TORCH_CHECK(permuted_rows(ids.size(0), ids.size(1), num_real, align) <
+                  (int64_t{1} << 31),
+              op, ": R = T*K + num_real*(align-1) must fit in int32 (slot_rows are int32)");
+}
+
+inline void check_grouped_mm(const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& offsets) {
+  constexpr const char* op = "grouped_mm";
+  check_float(a, op, "a", 2);
+  check_float(b, op, "b", 3);
+  check_int32(offsets, op, "offsets", 1);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": a and b must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  check_same_device(a, b, op, "a", "b");
+  check_same_device(a, offsets, op, "a", "offsets");
+  TORCH_CHECK(a.size(1) == b.size(1), op, ": a[R,K] and b[G,K,N] must agree on K, got ",
+              a.size(1), " and ", b.size(1));
+  TORCH_CHECK(offsets.size(0) == b.size(0), op, ": offsets must have one entry per group (",
+              b.size(0), "), got ", offsets.size(0));
+  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), op, ": a must have fewer than 2^31 rows");
+}
+
+inline void check_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& dout,
+                                   const at::Tensor& offsets) {
+  constexpr const char* op = "grouped_mm_wgrad";
+  check_float(a, op, "a", 2);
+  check_float(dout, op, "dout", 2);
+  check_int32(offsets, op, "offsets", 1);
+  TORCH_CHECK(a.scalar_type() == dout.scalar_type(), op,
+              ": a and dout must have the same dtype, got ", a.scalar_type(), " and ",
+              dout.scalar_type());
+  check_same_device(a, dout, op, "a", "dout");
+  check_same_device(a, offsets, op, "a", "offsets");
+  TORCH_CHECK(a.size(0) == dout.size(0), op, ": a and dout must have the same rows, got ",
+              a.size(0), " and ", dout.size(0));
+  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), op, ": a must have fewer than 2^31 rows");
+}
+
+inline void check_unpermute(const at::Tensor& y, const at::Tensor& slot_rows,
+                            const at::Tensor& weights) {
+  constexpr const char* op = "unpermute";
+  check_float(y, op, "y", 2);
+  check_int32(slot_rows, op, "slot_rows", 2);
+  TORCH_CHECK(weights.dim() == 2 && weights.sizes() == slot_rows.sizes(), op,
+              ": weights must have the shape of slot_rows ", slot_rows.sizes(), ", got ",
+              weights.sizes());
+  check_weights_dtype(weights, y.scalar_type(), op);
+  check_same_device(y, slot_rows, op, "y", "slot_rows");
+  check_same_device(y, weights, op, "y", "weights");
+}
+
+inline void check_unpermute_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                     const at::Tensor& slot_rows, const at::Tensor& weights) {
+  check_unpermute(y, slot_rows, weights);
+  constexpr const char* op = "unpermute_backward";
+  check_float(grad_out, op, "grad_out", 2);
+  TORCH_CHECK(grad_out.size(0) == slot_rows.size(0) && grad_out.size(1) == y.size(1), op,
+              ": grad_out must be [T, H] = [", slot_rows.size(0), ", ", y.size(1), "], got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), op,
+              ": grad_out must have y's dtype ", y.scalar_type(), ", got ",
+              grad_out.scalar_type());
+  check_same_device(y, grad_out, op, "y", "grad_out");
+}
+
+}  // namespace anyexperts

@@ -1,0 +1,120 @@
+// Per-element rules of the op contract (DESIGN.md section 3), shared by the CPU and the
+// CUDA kernels so that the CPU tests exercise the very code the GPU runs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define AE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define AE_HOST_DEVICE inline
+#endif
+
+namespace anyexperts {
+
+enum class Norm : int { kNone = 0, kSelected = 1, kReal = 2 };
+
+// ---- segmented_topk -------------------------------------------------------------------
+
+// Slot counts come from the device and are never trusted: clamp by rule.
+AE_HOST_DEVICE int clamp_slots(int32_t slots, int k_max) {
+  return slots < 0 ? 0 : (slots > k_max ? k_max : static_cast<int>(slots));
+}
+
+AE_HOST_DEVICE int clamp_virtual(int32_t max_virtual, int slots) {
+  return max_virtual < 0 ? 0 : (max_virtual > slots ? slots : static_cast<int>(max_virtual));
+}
+
+// Ranking order: logit descending, ties to the lower index, NaN below every number
+// (and NaNs among themselves by index). A strict total order, so any selection
+// algorithm (sort, repeated argmax, warp shuffle) yields the same ranking.
+template <typename T>
+AE_HOST_DEVICE bool ranks_before(T va, int ia, T vb, int ib) {
+  const bool nan_a = va != va;
+  const bool nan_b = vb != vb;
+  if (nan_a != nan_b) return nan_b;
+  if (!nan_a && va != vb) return va > vb;
+  return ia < ib;
+}
+
+// The walk down a token's ranking: real candidates are always taken, virtual ones only
+// while fewer than `cap` are taken, until `want` slots are filled.
+struct SlotWalk {
+  int want;
+  int cap;
+  int taken = 0;
+  int virtual_taken = 0;
+
+  AE_HOST_DEVICE SlotWalk(int want_, int cap_) : want(want_), cap(cap_) {}
+  AE_HOST_DEVICE bool done() const { return taken >= want; }
+  // Returns whether `candidate` fills the next slot (slot index = taken before the call).
+  AE_HOST_DEVICE bool offer(int candidate, int num_real) {
+    if (done()) return false;
+    if (candidate >= num_real) {
+      if (virtual_taken >= cap) return false;
+      ++virtual_taken;
+    }
+    ++taken;
+    return true;
+  }
+};
+
+// Weight of a taken candidate with probability p. `sum_selected` and `sum_real` are the
+// sums of p over the taken slots and over the taken real slots.
+template <typename Acc>
+AE_HOST_DEVICE Acc slot_weight(Acc p, bool is_real, Acc sum_selected, Acc sum_real, Norm norm) {
+  switch (norm) {
+    case Norm::kSelected: return p / sum_selected;
+    case Norm::kReal: return is_real ? p / sum_real : Acc(0);
+    default: return p;
+  }
+}
+
+// d(weight_s)/d(p) contracted with the weights' gradient: the gradient reaching p of a
+// taken candidate, given dot = sum over taken s (of the normalised set) of gw_s * w_s.
+template <typename Acc>
+AE_HOST_DEVICE Acc slot_grad_p(Acc gw, bool is_real, Acc dot_selected, Acc dot_real,
+                               Acc sum_selected, Acc sum_real, Norm norm) {
+  switch (norm) {
+    case Norm::kSelected: return (gw - dot_selected) / sum_selected;
+    case Norm::kReal: return is_real ? (gw - dot_real) / sum_real : Acc(0);
+    default: return gw;
+  }
+}
+
+// ---- permute --------------------------------------------------------------------------
+
+AE_HOST_DEVICE bool is_live(int32_t id, int num_real) { return id >= 0 && id < num_real; }
+
+AE_HOST_DEVICE int64_t padded_count(int64_t count, int64_t align) {
+  return (count + align - 1) / align * align;
+}
+
+AE_HOST_DEVICE int64_t permuted_rows(int64_t tokens, int64_t k, int64_t num_real, int64_t align) {
+  return tokens * k + num_real * (align - 1);
+}
+
+// ---- grouped GEMM ---------------------------------------------------------------------
+
+// Offsets come from the device: group g spans [end(g-1), end(g)) with
+// end(g) = clamp(max(offsets[0..g]), 0, rows), so groups never overlap or leave [0, rows).
+AE_HOST_DEVICE int64_t group_end(const int32_t* offsets, int g, int64_t rows) {
+  int64_t end = 0;
+  for (int i = 0; i <= g; ++i) end = offsets[i] > end ? offsets[i] : end;
+  return end < rows ? end : rows;
+}
+
+struct RowSpan {
+  int64_t begin;
+  int64_t end;
+};
+
+AE_HOST_DEVICE RowSpan group_span(const int32_t* offsets, int g, int64_t rows) {
+  return {g == 0 ? 0 : group_end(offsets, g - 1, rows), group_end(offsets, g, rows)};
+}
+
+// ---- unpermute ------------------------------------------------------------------------
+
+AE_HOST_DEVICE bool is_live_row(int32_t row, int64_t rows) { return row >= 0 && row < rows; }
+
+}  // namespace anyexperts

@@ -1,0 +1,31 @@
+// The op schemas of torch.ops.anyexperts, in one place (DESIGN.md section 3). The CPU and
+// CUDA kernels register their implementations in csrc/cpu and csrc/cuda; fake (meta)
+// implementations and autograd live beside the Python wrappers in anyexperts_ops/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import anyexperts_ops._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(anyexperts, m) {
+  m.def(
+      "segmented_topk(Tensor logits, Tensor slots, Tensor max_virtual, int k_max, int num_real, "
+      "str norm) -> (Tensor ids, Tensor weights)");
+  m.def(
+      "segmented_topk_backward(Tensor grad_weights, Tensor logits, Tensor ids, int num_real, "
+      "str norm) -> Tensor");
+  m.def(
+      "permute(Tensor x, Tensor ids, int num_real, int align) -> "
+      "(Tensor x_perm, Tensor offsets, Tensor slot_rows)");
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  m.def("grouped_mm_wgrad(Tensor a, Tensor dout, Tensor offsets) -> Tensor");
+  m.def("unpermute(Tensor y, Tensor slot_rows, Tensor weights) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor slot_rows, Tensor weights) -> "
+      "(Tensor grad_y, Tensor grad_weights)");
+}

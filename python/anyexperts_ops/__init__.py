@@ -1,0 +1,12 @@
+"""AnyExperts routing ops for dynamic-expert Mixture-of-Experts layers.
+
+Importing this package registers torch.ops.anyexperts.*; see DESIGN.md section 3.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import reference
+from .ops import grouped_mm, grouped_mm_wgrad, permute, segmented_topk, unpermute
+
+__all__ = ["segmented_topk", "permute", "grouped_mm", "grouped_mm_wgrad", "unpermute",
+           "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""Python entry points of torch.ops.anyexperts: fake (meta) implementations and autograd.
+
+The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda; this module
+adds what the dispatcher needs for torch.compile (static-shape fakes) and training
+(autograd formulas that call the backward ops).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library, registering the ops)
+
+_ops = torch.ops.anyexperts
+
+
+def _weight_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- public wrappers ------------------------------------------------------------------
+
+def segmented_topk(logits: Tensor, slots: Tensor, max_virtual: Tensor, k_max: int,
+                   num_real: int, norm: str = "none") -> tuple[Tensor, Tensor]:
+    """Per-token top-k with a per-token slot count and virtual cap. See DESIGN.md 3."""
+    return _ops.segmented_topk.default(logits, slots, max_virtual, k_max, num_real, norm)
+
+
+def permute(x: Tensor, ids: Tensor, num_real: int, align: int = 1
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """Groups the rows of live slots by expert: (x_perm, offsets, slot_rows)."""
+    return _ops.permute.default(x, ids, num_real, align)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """out[rows of g] = a[rows of g] @ b[g], offsets are end offsets."""
+    return _ops.grouped_mm.default(a, b, offsets)
+
+
+def grouped_mm_wgrad(a: Tensor, dout: Tensor, offsets: Tensor) -> Tensor:
+    """db[g] = a[rows of g]^T @ dout[rows of g], zero for empty groups."""
+    return _ops.grouped_mm_wgrad.default(a, dout, offsets)
+
+
+def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor) -> Tensor:
+    """out[t] = sum_j weights[t,j] * y[slot_rows[t,j]], skipping -1."""
+    return _ops.unpermute.default(y, slot_rows, weights)
+
+
+# ---- fake implementations: output shapes and dtypes only -------------------------------
+
+@torch.library.register_fake("anyexperts::segmented_topk")
+def _segmented_topk_fake(logits, slots, max_virtual, k_max, num_real, norm):
+    T = logits.shape[0]
+    return (logits.new_empty((T, k_max), dtype=torch.int32),
+            logits.new_empty((T, k_max), dtype=_weight_dtype(logits.dtype)))
+
+
+@torch.library.register_fake("anyexperts::segmented_topk_backward")
+def _segmented_topk_backward_fake(grad_weights, logits, ids, num_real, norm):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("anyexperts::permute")
+def _permute_fake(x, ids, num_real, align):
+    T, K = ids.shape
+    R = T * K + num_real * (align - 1)
+    return (x.new_empty((R, x.shape[1])),
+            x.new_empty((num_real,), dtype=torch.int32),
+            x.new_empty((T, K), dtype=torch.int32))
+
+
+@torch.library.register_fake("anyexperts::grouped_mm")
+def _grouped_mm_fake(a, b, offsets):
+    return a.new_empty((a.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake("anyexperts::grouped_mm_wgrad")
+def _grouped_mm_wgrad_fake(a, dout, offsets):
+    return a.new_empty((offsets.shape[0], a.shape[1], dout.shape[1]))
+
+
+@torch.library.register_fake("anyexperts::unpermute")
+def _unpermute_fake(y, slot_rows, weights):
+    return y.new_empty((slot_rows.shape[0], y.shape[1]))
+
+
+@torch.library.register_fake("anyexperts::unpermute_backward")
+def _unpermute_backward_fake(grad_out, y, slot_rows, weights):
+    return torch.empty_like(y), torch.empty_like(weights)
+
+
+# ---- autograd -------------------------------------------------------------------------
+
+def _segmented_topk_setup(ctx, inputs, output):
+    logits, _slots, _max_virtual, _k_max, num_real, norm = inputs
+    ctx.save_for_backward(logits, output[0])
+    ctx.num_real, ctx.norm = num_real, norm
+
+
+def _segmented_topk_backward(ctx, _grad_ids, grad_weights):
+    logits, ids = ctx.saved_tensors
+    grad_logits = None
+    if grad_weights is not None and ctx.needs_input_grad[0]:
+        grad_logits = _ops.segmented_topk_backward.default(
+            grad_weights.contiguous(), logits, ids, ctx.num_real, ctx.norm)
+    return grad_logits, None, None, None, None, None
+
+
+torch.library.register_autograd("anyexperts::segmented_topk", _segmented_topk_backward,
+                                setup_context=_segmented_topk_setup)
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _permute_backward(ctx, grad_x_perm, _grad_offsets, _grad_slot_rows):
+    (slot_rows,) = ctx.saved_tensors
+    if grad_x_perm is None:
+        return None, None, None, None
+    # Each slot's row carries grad to its token: an unpermute with unit weights.
+    ones = torch.ones(slot_rows.shape, dtype=_weight_dtype(grad_x_perm.dtype),
+                      device=slot_rows.device)
+    return unpermute(grad_x_perm.contiguous(), slot_rows, ones), None, None, None
+
+
+torch.library.register_autograd("anyexperts::permute", _permute_backward,
+                                setup_context=_permute_setup)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offsets = inputs
+    ctx.save_for_backward(a, b, offsets)
+
+
+def _grouped_mm_backward(ctx, grad_out):
+    a, b, offsets = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = grouped_mm(grad_out, b.transpose(-2, -1), offsets)
+    if ctx.needs_input_grad[1]:
+        grad_b = grouped_mm_wgrad(a, grad_out, offsets)
+    return grad_a, grad_b, None
+
+
+torch.library.register_autograd("anyexperts::grouped_mm", _grouped_mm_backward,
+                                setup_context=_grouped_mm_setup)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, slot_rows, weights = inputs
+    ctx.save_for_backward(y, slot_rows, weights)
+
+
+def _unpermute_backward(ctx, grad_out):
+    y, slot_rows, weights = ctx.saved_tensors
+    grad_y, grad_weights = _ops.unpermute_backward.default(
+        grad_out.contiguous(), y, slot_rows, weights)
+    return (grad_y if ctx.needs_input_grad[0] else None, None,
+            grad_weights if ctx.needs_input_grad[2] else None)
+
+
+torch.library.register_autograd("anyexperts::unpermute", _unpermute_backward,
+                                setup_context=_unpermute_setup)

@@ -1,0 +1,157 @@
+"""Pure-PyTorch reference of the op contract (DESIGN.md section 3).
+
+This module is the executable form of the contract: every kernel, CPU and CUDA, is
+tested against it. It favours plain loops and obvious tensor code over speed, and never
+calls ``torch.ops.anyexperts``. Autograd flows through it with ordinary PyTorch ops,
+so it also serves as the gradient reference.
+"""
+from __future__ import annotations
+
+import torch
+
+NORMS = ("none", "selected", "real")
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation type: fp32, or fp64 for fp64 inputs (so gradcheck can run in fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def padded_count(count: int, align: int) -> int:
+    return (count + align - 1) // align * align
+
+
+def ranking(row: torch.Tensor) -> list[int]:
+    """Candidate order: logit descending, ties to the lower index, NaN below every number."""
+    vals = row.tolist()
+
+    def key(i: int):
+        v = vals[i]
+        is_nan = v != v
+        return (is_nan, 0.0 if is_nan else -v, i)
+
+    return sorted(range(len(vals)), key=key)
+
+
+def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch.Tensor,
+                   k_max: int, num_real: int, norm: str = "none"):
+    """ids[T,k_max] int32 and weights[T,k_max] (fp32; fp64 for fp64 logits)."""
+    assert norm in NORMS, norm
+    T, E = logits.shape
+    p = torch.softmax(logits.to(_opmath(logits.dtype)), dim=-1)
+    ids = torch.full((T, k_max), -1, dtype=torch.int32)
+    taken = []  # per token: list of (slot j, candidate)
+    for t in range(T):
+        want = min(max(int(slots[t]), 0), k_max)
+        cap = min(max(int(max_virtual[t]), 0), want)
+        chosen, n_virtual = [], 0
+        for c in ranking(logits[t].detach().cpu().double()):
+            if len(chosen) == want:
+                break
+            if c >= num_real:
+                if n_virtual == cap:
+                    continue
+                n_virtual += 1
+            chosen.append(c)
+        for j, c in enumerate(chosen):
+            ids[t, j] = c
+        taken.append(chosen)
+
+    rows = []
+    zero = p.new_zeros(())
+    for t in range(T):
+        chosen = taken[t]
+        w = [p[t, c] for c in chosen]
+        if norm == "selected" and chosen:
+            total = torch.stack(w).sum()
+            w = [wi / total for wi in w]
+        elif norm == "real" and chosen:
+            real = [wi for wi, c in zip(w, chosen) if c < num_real]
+            total = torch.stack(real).sum() if real else None
+            w = [wi / total if c < num_real else zero for wi, c in zip(w, chosen)]
+        w = w + [zero] * (k_max - len(chosen))
+        rows.append(torch.stack(w) if w else p.new_zeros(0))
+    weights = torch.stack(rows) if rows else p.new_zeros((0, k_max))
+    return ids.to(logits.device), weights
+
+
+def permute(x: torch.Tensor, ids: torch.Tensor, num_real: int, align: int):
+    """x_perm[R,H], offsets[num_real] int32 (end offsets), slot_rows[T,K] int32."""
+    T, K = ids.shape
+    H = x.shape[1]
+    R = T * K + num_real * (align - 1)
+    ids_cpu = ids.cpu().long()
+    members = [[] for _ in range(num_real)]  # (t, j) in ascending order
+    for t in range(T):
+        for j in range(K):
+            e = int(ids_cpu[t, j])
+            if 0 <= e < num_real:
+                members[e].append((t, j))
+    offsets = torch.zeros(num_real, dtype=torch.int32)
+    slot_rows = torch.full((T, K), -1, dtype=torch.int32)
+    gather = []  # (row, t)
+    start = 0
+    for e in range(num_real):
+        for i, (t, j) in enumerate(members[e]):
+            slot_rows[t, j] = start + i
+            gather.append((start + i, t))
+        start += padded_count(len(members[e]), align)
+        offsets[e] = start
+    x_perm = x.new_zeros((R, H))
+    if gather:
+        rows = torch.tensor([r for r, _ in gather], device=x.device)
+        toks = torch.tensor([t for _, t in gather], device=x.device)
+        x_perm = x_perm.index_copy(0, rows, x[toks])
+    return x_perm, offsets.to(x.device), slot_rows.to(x.device)
+
+
+def group_spans(offsets: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+    """[start, end) of each group; offsets are clamped into [previous end, rows]."""
+    spans, start = [], 0
+    for end in offsets.cpu().tolist():
+        end = min(max(end, start), rows)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """out[rows of g] = a[rows] @ b[g]; rows past the last group are zero."""
+    acc = _opmath(a.dtype)
+    out = a.new_zeros((a.shape[0], b.shape[2]), dtype=acc)
+    for g, (s, e) in enumerate(group_spans(offsets, a.shape[0])):
+        if e > s:
+            out = out.index_copy(0, torch.arange(s, e, device=a.device),
+                                 a[s:e].to(acc) @ b[g].to(acc))
+    return out.to(a.dtype)
+
+
+def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """db[g] = a[rows of g]^T @ dout[rows of g]; zero for empty groups."""
+    acc = _opmath(a.dtype)
+    G = offsets.shape[0]
+    parts = []
+    for s, e in group_spans(offsets, a.shape[0]):
+        parts.append(a[s:e].to(acc).T @ dout[s:e].to(acc))
+    if not parts:
+        return a.new_zeros((0, a.shape[1], dout.shape[1]))
+    return torch.stack(parts).to(a.dtype).reshape(G, a.shape[1], dout.shape[1])
+
+
+def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum over j ascending of weights[t,j] * y[slot_rows[t,j]], skipping -1.
+
+    Rows outside [0, R) count as -1.
+    """
+    acc = _opmath(y.dtype)
+    T, K = slot_rows.shape
+    R = y.shape[0]
+    out = y.new_zeros((T, y.shape[1]), dtype=acc)
+    for j in range(K):
+        r = slot_rows[:, j].long()
+        live = ((r >= 0) & (r < R)).unsqueeze(1)
+        if R == 0:
+            continue
+        term = weights[:, j].to(acc).unsqueeze(1) * y[r.clamp(0, R - 1)].to(acc)
+        out = out + torch.where(live, term, torch.zeros_like(term))
+    return out.to(y.dtype)
