@@ -34,7 +34,11 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
               " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
-// Weights accumulate in fp32, or fp64 when the data is fp64.
+// Kernels accumulate, and routing weights are kept, in fp32, or fp64 when the data is fp64.
+inline at::ScalarType accumulate_dtype(at::ScalarType data) {
+  return data == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_weights_dtype(const at::Tensor& w, at::ScalarType data, const char* op) {
   TORCH_CHECK(w.scalar_type() == at::kFloat ||
                   (w.scalar_type() == at::kDouble && data == at::kDouble),

@@ -1,0 +1,33 @@
+// grouped_mm on the CPU: one ATen matmul per group, accumulated in fp32 (fp64 for fp64).
+// Reading offsets on the host is free here; the CUDA path builds its problems on device.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "anyexperts/checks.h"
+#include "anyexperts/rules.h"
+
+namespace anyexperts {
+namespace {
+
+at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets_in) {
+  check_grouped_mm(a, b, offsets_in);
+  const auto offsets = offsets_in.contiguous();
+  const int64_t R = a.size(0), G = b.size(0);
+  const auto acc = accumulate_dtype(a.scalar_type());
+  auto out = at::zeros({R, b.size(2)}, a.options());
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  for (int64_t g = 0; g < G; ++g) {
+    const RowSpan span = group_span(off, static_cast<int>(g), R);
+    if (span.end == span.begin) continue;
+    const auto rows = a.narrow(0, span.begin, span.end - span.begin);
+    out.narrow(0, span.begin, span.end - span.begin).copy_(at::mm(rows.to(acc), b[g].to(acc)));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anyexperts, CPU, m) { m.impl("grouped_mm", &grouped_mm_cpu); }
+
+}  // namespace anyexperts

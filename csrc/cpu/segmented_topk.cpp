@@ -1,0 +1,160 @@
+// segmented_topk on the CPU: one token per iteration of at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "anyexperts/checks.h"
+#include "anyexperts/rules.h"
+
+namespace anyexperts {
+namespace {
+
+// p = softmax(row) in Acc. Like torch.softmax, a NaN anywhere makes the whole row NaN.
+template <typename scalar_t, typename Acc>
+void softmax_row(const scalar_t* row, int64_t E, Acc* p) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  for (int64_t c = 0; c < E; ++c) m = std::max(m, static_cast<Acc>(row[c]));
+  Acc sum = 0;
+  for (int64_t c = 0; c < E; ++c) sum += (p[c] = std::exp(static_cast<Acc>(row[c]) - m));
+  for (int64_t c = 0; c < E; ++c) p[c] /= sum;
+}
+
+// The walk can skip at most all M virtual candidates, so the first want + M of the
+// ranking are all it may look at.
+template <typename scalar_t>
+void rank_prefix(const scalar_t* row, int64_t E, int64_t prefix, std::vector<int>& order) {
+  order.resize(E);
+  for (int64_t c = 0; c < E; ++c) order[c] = static_cast<int>(c);
+  auto before = [row](int a, int b) {
+    using Acc = at::opmath_type<scalar_t>;
+    return ranks_before(static_cast<Acc>(row[a]), a, static_cast<Acc>(row[b]), b);
+  };
+  std::partial_sort(order.begin(), order.begin() + std::min(prefix, E), order.end(), before);
+}
+
+std::tuple<at::Tensor, at::Tensor> segmented_topk_cpu(const at::Tensor& logits_in,
+                                                      const at::Tensor& slots_in,
+                                                      const at::Tensor& max_virtual_in,
+                                                      int64_t k_max, int64_t num_real,
+                                                      c10::string_view norm_name) {
+  check_segmented_topk(logits_in, slots_in, max_virtual_in, k_max, num_real);
+  const Norm norm = parse_norm(norm_name);
+  const auto logits = logits_in.contiguous();
+  const auto slots = slots_in.contiguous();
+  const auto max_virtual = max_virtual_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const auto w_dtype = accumulate_dtype(logits.scalar_type());
+  auto ids = at::full({T, k_max}, -1, logits.options().dtype(at::kInt));
+  auto weights = at::zeros({T, k_max}, logits.options().dtype(w_dtype));
+  if (T == 0 || k_max == 0) return {ids, weights};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "segmented_topk_cpu", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const scalar_t* lg = logits.data_ptr<scalar_t>();
+    const int32_t* sl = slots.data_ptr<int32_t>();
+    const int32_t* mv = max_virtual.data_ptr<int32_t>();
+    int32_t* out_ids = ids.data_ptr<int32_t>();
+    Acc* out_w = weights.data_ptr<Acc>();
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> p(E);
+      std::vector<int> order;
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* row = lg + t * E;
+        const int want = clamp_slots(sl[t], static_cast<int>(k_max));
+        SlotWalk walk(want, clamp_virtual(mv[t], want));
+        if (want == 0) continue;
+        softmax_row(row, E, p.data());
+        rank_prefix(row, E, want + (E - num_real), order);
+        int32_t* tid = out_ids + t * k_max;
+        Acc* tw = out_w + t * k_max;
+        Acc sum_selected = 0, sum_real = 0;
+        for (int64_t r = 0; r < E && !walk.done(); ++r) {
+          const int c = order[r];
+          const int slot = walk.taken;
+          if (!walk.offer(c, static_cast<int>(num_real))) continue;
+          tid[slot] = c;
+          sum_selected += p[c];
+          if (c < num_real) sum_real += p[c];
+        }
+        for (int j = 0; j < walk.taken; ++j)
+          tw[j] = slot_weight(p[tid[j]], tid[j] < num_real, sum_selected, sum_real, norm);
+      }
+    });
+  });
+  return {ids, weights};
+}
+
+at::Tensor segmented_topk_backward_cpu(const at::Tensor& grad_weights_in,
+                                       const at::Tensor& logits_in, const at::Tensor& ids_in,
+                                       int64_t num_real, c10::string_view norm_name) {
+  check_segmented_topk_backward(grad_weights_in, logits_in, ids_in, num_real);
+  const Norm norm = parse_norm(norm_name);
+  const auto logits = logits_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), K = ids.size(1);
+  auto grad_logits = at::zeros_like(logits);
+  if (T == 0 || E == 0) return grad_logits;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "segmented_topk_backward_cpu", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const auto grad_weights = grad_weights_in.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+    const scalar_t* lg = logits.data_ptr<scalar_t>();
+    const int32_t* id = ids.data_ptr<int32_t>();
+    const Acc* gw = grad_weights.data_ptr<Acc>();
+    scalar_t* gl = grad_logits.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> p(E), grad_p(E);
+      for (int64_t t = begin; t < end; ++t) {
+        const int32_t* tid = id + t * K;
+        const Acc* tgw = gw + t * K;
+        softmax_row(lg + t * E, E, p.data());
+        // ids come from the caller: ignore any outside [0, E).
+        auto live = [E](int32_t c) { return c >= 0 && c < E; };
+        Acc sum_selected = 0, sum_real = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          if (!live(tid[j])) continue;
+          sum_selected += p[tid[j]];
+          if (tid[j] < num_real) sum_real += p[tid[j]];
+        }
+        Acc dot_selected = 0, dot_real = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          if (!live(tid[j])) continue;
+          const bool real = tid[j] < num_real;
+          const Acc w = slot_weight(p[tid[j]], real, sum_selected, sum_real, norm);
+          dot_selected += tgw[j] * w;
+          if (real) dot_real += tgw[j] * w;
+        }
+        std::fill(grad_p.begin(), grad_p.end(), Acc(0));
+        for (int64_t j = 0; j < K; ++j) {
+          if (!live(tid[j])) continue;
+          grad_p[tid[j]] += slot_grad_p(tgw[j], tid[j] < num_real, dot_selected, dot_real,
+                                        sum_selected, sum_real, norm);
+        }
+        // Softmax backward: dlogit_c = p_c * (grad_p_c - sum_k grad_p_k p_k).
+        Acc inner = 0;
+        for (int64_t c = 0; c < E; ++c) inner += grad_p[c] * p[c];
+        scalar_t* row = gl + t * E;
+        for (int64_t c = 0; c < E; ++c) row[c] = static_cast<scalar_t>(p[c] * (grad_p[c] - inner));
+      }
+    });
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anyexperts, CPU, m) {
+  m.impl("segmented_topk", &segmented_topk_cpu);
+  m.impl("segmented_topk_backward", &segmented_topk_backward_cpu);
+}
+
+}  // namespace anyexperts
