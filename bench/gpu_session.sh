@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build for sm_90a, run the tests, run the benchmarks.
+# STEPS picks stages ("build test bench" by default); logs and results go to $OUT.
+# CUTLASS headers come from a carried nvidia-cutlass wheel in .whl/ (the machine has no network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ae-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+steps=${STEPS:-build test bench}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+if [[ $steps == *build* ]]; then
+  t0=$(date +%s)
+  ANYEXPERTS_CUDA=ON ANYEXPERTS_CUDA_ARCHS=90a MAX_JOBS=$(nproc) scripts/dev_build.sh \
+    >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
+export PYTHONPATH=$PWD/python:${PYTHONPATH:-}
+
+if [[ $steps == *test* ]]; then
+  t0=$(date +%s)
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests -q -rfEs -x --timeout=120 -p no:cacheprovider \
+    ${TESTS:-tests/test_cuda_routing.py tests/test_cuda_grouped_mm.py} >"$OUT/tests.log" 2>&1
+  echo "tests: rc=$? in $(( $(date +%s) - t0 )) s"
+  grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+fi
+
+if [[ $steps == *bench* ]]; then
+  for b in ${BENCHES:-routing grouped_mm}; do
+    t0=$(date +%s)
+    timeout ${BENCH_TIMEOUT:-240} python3 "bench/bench_$b.py" --out "$OUT/$b.json" \
+      ${BENCH_ARGS:-} >"$OUT/bench_$b.log" 2>&1
+    echo "bench $b: rc=$? in $(( $(date +%s) - t0 )) s"
+    [ -f "$OUT/$b.md" ] && cat "$OUT/$b.md" || tail -20 "$OUT/bench_$b.log"
+  done
+fi
