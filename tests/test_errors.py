@@ -1,0 +1,190 @@
+"""Invalid inputs raise RuntimeError with a message naming the op and the argument
+(the messages of csrc/include/anyexperts/checks.h)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+
+ops = torch.ops.anyexperts
+I32, I64, F32 = torch.int32, torch.int64, torch.float32
+
+
+def z(*shape, dtype=F32, device="cpu"):
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def topk(logits=None, slots=None, mv=None, k_max=2, num_real=3, norm="none"):
+    logits = z(4, 5) if logits is None else logits
+    slots = z(4, dtype=I32) if slots is None else slots
+    mv = z(4, dtype=I32) if mv is None else mv
+    return lambda: ops.segmented_topk(logits, slots, mv, k_max, num_real, norm)
+
+
+def topk_bwd(gw=None, logits=None, ids=None, num_real=3, norm="none"):
+    gw = z(4, 2) if gw is None else gw
+    logits = z(4, 5) if logits is None else logits
+    ids = z(4, 2, dtype=I32) if ids is None else ids
+    return lambda: ops.segmented_topk_backward(gw, logits, ids, num_real, norm)
+
+
+def perm(x=None, ids=None, num_real=3, align=1):
+    x = z(4, 6) if x is None else x
+    ids = z(4, 2, dtype=I32) if ids is None else ids
+    return lambda: ops.permute(x, ids, num_real, align)
+
+
+def gmm(a=None, b=None, off=None):
+    a = z(10, 4) if a is None else a
+    b = z(3, 4, 5) if b is None else b
+    off = z(3, dtype=I32) if off is None else off
+    return lambda: ops.grouped_mm(a, b, off)
+
+
+def wgrad(a=None, dout=None, off=None):
+    a = z(10, 4) if a is None else a
+    dout = z(10, 5) if dout is None else dout
+    off = z(3, dtype=I32) if off is None else off
+    return lambda: ops.grouped_mm_wgrad(a, dout, off)
+
+
+def unperm(y=None, rows=None, w=None):
+    y = z(12, 6) if y is None else y
+    rows = z(4, 3, dtype=I32) if rows is None else rows
+    w = z(4, 3) if w is None else w
+    return lambda: ops.unpermute(y, rows, w)
+
+
+def unperm_bwd(g=None, y=None, rows=None, w=None):
+    g = z(4, 6) if g is None else g
+    y = z(12, 6) if y is None else y
+    rows = z(4, 3, dtype=I32) if rows is None else rows
+    w = z(4, 3) if w is None else w
+    return lambda: ops.unpermute_backward(g, y, rows, w)
+
+
+FLOATS = "must be float16, bfloat16, float32 or float64"
+NORM_MSG = "norm must be 'none', 'selected' or 'real', got 'softmax'"
+
+CASES = {
+    # segmented_topk
+    "topk-logits-dtype": (topk(logits=z(4, 5, dtype=I32)), f"segmented_topk: logits {FLOATS}"),
+    "topk-logits-rank": (topk(logits=z(4, 5, 1)), "segmented_topk: logits must be 2-D, got 3-D"),
+    "topk-slots-dtype": (topk(slots=z(4, dtype=I64)), "segmented_topk: slots must be int32"),
+    "topk-slots-rank": (topk(slots=z(4, 1, dtype=I32)), "segmented_topk: slots must be 1-D"),
+    "topk-mv-dtype": (topk(mv=z(4)), "segmented_topk: max_virtual must be int32"),
+    "topk-slots-len": (topk(slots=z(3, dtype=I32)),
+                       "segmented_topk: slots and max_virtual must have one entry per token"),
+    "topk-mv-len": (topk(mv=z(5, dtype=I32)),
+                    "segmented_topk: slots and max_virtual must have one entry per token"),
+    "topk-kmax": (topk(k_max=-1), "segmented_topk: k_max must be >= 0, got -1"),
+    "topk-num-real-neg": (topk(num_real=-1), "segmented_topk: num_real must be in [0, E]"),
+    "topk-num-real-big": (topk(num_real=6), "segmented_topk: num_real must be in [0, E]"),
+    "topk-norm": (topk(norm="softmax"), f"segmented_topk: {NORM_MSG}"),
+    # segmented_topk_backward
+    "topkb-gw-shape": (topk_bwd(gw=z(4, 3)),
+                       "segmented_topk_backward: grad_weights must have the shape of ids"),
+    "topkb-gw-dtype": (topk_bwd(gw=z(4, 2, dtype=I32)),
+                       f"segmented_topk_backward: grad_weights {FLOATS}"),
+    "topkb-logits-dtype": (topk_bwd(logits=z(4, 5, dtype=I64)),
+                           f"segmented_topk_backward: logits {FLOATS}"),
+    "topkb-ids-dtype": (topk_bwd(ids=z(4, 2, dtype=I64)),
+                        "segmented_topk_backward: ids must be int32"),
+    "topkb-ids-rows": (topk_bwd(gw=z(3, 2), ids=z(3, 2, dtype=I32)),
+                       "segmented_topk_backward: ids must have one row per token"),
+    "topkb-num-real": (topk_bwd(num_real=9), "segmented_topk_backward: num_real must be in [0, E]"),
+    "topkb-norm": (topk_bwd(norm="softmax"), NORM_MSG),
+    # permute
+    "permute-x-dtype": (perm(x=z(4, 6, dtype=I32)), f"permute: x {FLOATS}"),
+    "permute-x-rank": (perm(x=z(4)), "permute: x must be 2-D, got 1-D"),
+    "permute-ids-dtype": (perm(ids=z(4, 2, dtype=I64)), "permute: ids must be int32"),
+    "permute-ids-rank": (perm(ids=z(4, dtype=I32)), "permute: ids must be 2-D, got 1-D"),
+    "permute-ids-rows": (perm(ids=z(5, 2, dtype=I32)), "permute: ids must have one row per token"),
+    "permute-num-real": (perm(num_real=0), "permute: num_real must be >= 1, got 0"),
+    "permute-align": (perm(align=0), "permute: align must be >= 1, got 0"),
+    "permute-R-int32": (perm(num_real=2, align=2**30 + 1), "must fit in int32"),
+    # grouped_mm
+    "gmm-a-dtype": (gmm(a=z(10, 4, dtype=I32)), f"grouped_mm: a {FLOATS}"),
+    "gmm-a-rank": (gmm(a=z(10, 4, 1)), "grouped_mm: a must be 2-D, got 3-D"),
+    "gmm-b-rank": (gmm(b=z(4, 5)), "grouped_mm: b must be 3-D, got 2-D"),
+    "gmm-off-dtype": (gmm(off=z(3, dtype=I64)), "grouped_mm: offsets must be int32"),
+    "gmm-off-rank": (gmm(off=z(3, 1, dtype=I32)), "grouped_mm: offsets must be 1-D"),
+    "gmm-ab-dtype": (gmm(b=z(3, 4, 5, dtype=torch.bfloat16)),
+                     "grouped_mm: a and b must have the same dtype"),
+    "gmm-K": (gmm(b=z(3, 5, 4)), "grouped_mm: a[R,K] and b[G,K,N] must agree on K"),
+    "gmm-G": (gmm(off=z(2, dtype=I32)), "grouped_mm: offsets must have one entry per group"),
+    # grouped_mm_wgrad
+    "wgrad-a-dtype": (wgrad(a=z(10, 4, dtype=I32)), f"grouped_mm_wgrad: a {FLOATS}"),
+    "wgrad-dout-rank": (wgrad(dout=z(10, 5, 1)), "grouped_mm_wgrad: dout must be 2-D"),
+    "wgrad-off-dtype": (wgrad(off=z(3, dtype=I64)), "grouped_mm_wgrad: offsets must be int32"),
+    "wgrad-dtype": (wgrad(dout=z(10, 5, dtype=torch.float64)),
+                    "grouped_mm_wgrad: a and dout must have the same dtype"),
+    "wgrad-rows": (wgrad(dout=z(9, 5)), "grouped_mm_wgrad: a and dout must have the same rows"),
+    # unpermute
+    "unperm-y-dtype": (unperm(y=z(12, 6, dtype=I64)), f"unpermute: y {FLOATS}"),
+    "unperm-y-rank": (unperm(y=z(12)), "unpermute: y must be 2-D, got 1-D"),
+    "unperm-rows-dtype": (unperm(rows=z(4, 3, dtype=I64)), "unpermute: slot_rows must be int32"),
+    "unperm-rows-rank": (unperm(rows=z(4, dtype=I32), w=z(4)), "unpermute: slot_rows must be 2-D"),
+    "unperm-w-shape": (unperm(w=z(4, 2)), "unpermute: weights must have the shape of slot_rows"),
+    "unperm-w-bf16": (unperm(w=z(4, 3, dtype=torch.bfloat16)),
+                      "unpermute: weights must be float32 (or float64 with float64 data)"),
+    "unperm-w-fp64-on-fp32": (unperm(w=z(4, 3, dtype=torch.float64)),
+                              "unpermute: weights must be float32 (or float64 with float64 data)"),
+    # unpermute_backward
+    "unpermb-g-shape": (unperm_bwd(g=z(4, 5)), "unpermute_backward: grad_out must be [T, H]"),
+    "unpermb-g-dtype": (unperm_bwd(g=z(4, 6, dtype=torch.float64)),
+                        "unpermute_backward: grad_out must have y's dtype"),
+    "unpermb-g-int": (unperm_bwd(g=z(4, 6, dtype=I32)), f"unpermute_backward: grad_out {FLOATS}"),
+    "unpermb-w-shape": (unperm_bwd(w=z(4, 2)), "weights must have the shape of slot_rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_invalid_input_raises_clear_error(case):
+    call, message = CASES[case]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
+
+
+def test_valid_defaults_do_not_raise():
+    """The builders above are valid without their one wrong argument (so each case fails
+    for the reason it names)."""
+    for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), unperm(), unperm_bwd()):
+        call()
+
+
+def test_errors_through_python_wrappers_and_autograd():
+    import anyexperts_ops as ae
+    x = torch.zeros(4, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match=re.escape("permute: ids must be int32")):
+        ae.permute(x, torch.zeros(4, 2, dtype=I64), 3, 8)
+    with pytest.raises(RuntimeError, match=re.escape(f"segmented_topk: {NORM_MSG}")):
+        ae.segmented_topk(torch.zeros(4, 5, requires_grad=True), z(4, dtype=I32),
+                          z(4, dtype=I32), 2, 3, "softmax")
+
+
+# ---- device mismatch: needs a second device -------------------------------------------
+
+DEVICE_CASES = {
+    "segmented_topk": (lambda d: topk(slots=z(4, dtype=I32, device=d)),
+                       "segmented_topk: logits and slots must be on the same device"),
+    "permute": (lambda d: perm(ids=z(4, 2, dtype=I32, device=d)),
+                "permute: x and ids must be on the same device"),
+    "grouped_mm": (lambda d: gmm(off=z(3, dtype=I32, device=d)),
+                   "grouped_mm: a and offsets must be on the same device"),
+    "grouped_mm_wgrad": (lambda d: wgrad(dout=z(10, 5, device=d)),
+                         "grouped_mm_wgrad: a and dout must be on the same device"),
+    "unpermute": (lambda d: unperm(rows=z(4, 3, dtype=I32, device=d)),
+                  "unpermute: y and slot_rows must be on the same device"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", list(DEVICE_CASES))
+def test_device_mismatch(op):
+    build, message = DEVICE_CASES[op]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        build("cuda")()

@@ -1,0 +1,239 @@
+"""grouped_mm and grouped_mm_wgrad on CPU vs DESIGN.md section 3 and reference.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anyexperts_ops import reference as ref
+from conftest import (assert_close, assert_exact, check_float, poison_allocator,
+                      random_offsets)
+
+ops = torch.ops.anyexperts
+LOW = (torch.bfloat16, torch.float16)
+
+
+def i32(rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def make(R, Kd, Nd, G, dtype=torch.float32, transposed_b=False):
+    a = torch.randn(R, Kd).to(dtype)
+    if transposed_b:
+        b = torch.randn(G, Nd, Kd).to(dtype).transpose(1, 2)     # nn.Linear layout view
+    else:
+        b = torch.randn(G, Kd, Nd).to(dtype)
+    return a, b
+
+
+def ref64(a, b, offsets):
+    return ref.grouped_mm(a.double(), b.double(), offsets)
+
+
+# ---- parity with the reference ----------------------------------------------------------
+
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW], ids=str)
+def test_matches_reference(dtype, transposed_b):
+    R, Kd, Nd, G = 70, 24, 40, 5
+    a, b = make(R, Kd, Nd, G, dtype, transposed_b)
+    offsets = random_offsets(G, R)
+    out = ops.grouped_mm(a, b, offsets)
+    assert out.dtype == dtype and out.shape == (R, Nd)
+    check_float(out, ref64(a, b, offsets), dtype, f"grouped_mm {dtype}")
+    if dtype == torch.float32:   # also against the fp32 reference, as specified
+        assert_close(out, ref.grouped_mm(a, b, offsets), "vs fp32 reference")
+    tail = int(offsets[-1])
+    assert (out[tail:] == 0).all(), "rows at or after offsets[G-1] are zero"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 2, 1), (40, 8, 8, 16), (200, 64, 48, 3),
+                                   (30, 4, 4, 64)],
+                         ids=lambda s: "R{}_K{}_N{}_G{}".format(*s))
+def test_shapes_match_reference(shape):
+    R, Kd, Nd, G = shape
+    a, b = make(R, Kd, Nd, G)
+    offsets = random_offsets(G, R, tail=False)
+    out = ops.grouped_mm(a, b, offsets)
+    assert_close(out, ref.grouped_mm(a, b, offsets), "grouped_mm")
+
+
+def test_handwritten():
+    a = torch.arange(12.0).view(6, 2)
+    b = torch.stack([torch.eye(2), 2 * torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])])
+    offsets = i32([2, 2, 5])      # group 0: rows 0-1, group 1 empty, group 2: rows 2-4; row 5 none
+    out = ops.grouped_mm(a, b, offsets)
+    expect = torch.tensor([[0.0, 1], [2, 3], [5, 4], [7, 6], [9, 8], [0, 0]])
+    assert_exact(out, expect, "grouped_mm")
+
+
+def test_empty_groups_and_all_rows_in_one_group():
+    a, b = make(30, 8, 6, 4)
+    for offsets in (i32([0, 0, 0, 0]), i32([0, 0, 30, 30]), i32([30, 30, 30, 30])):
+        out = ops.grouped_mm(a, b, offsets)
+        assert_close(out, ref.grouped_mm(a, b, offsets), f"offsets {offsets.tolist()}")
+    assert (ops.grouped_mm(a, b, i32([0, 0, 0, 0])) == 0).all()
+
+
+@pytest.mark.parametrize("offsets", [
+    [10, 5, 30, 2],          # non-monotone: group 1 and 3 empty
+    [-3, 4, -1, 12],         # negative
+    [8, 1000, 20, 2**31 - 1],  # beyond R
+    [-2**31, 50, 49, 60],
+], ids=["nonmono", "negative", "beyond", "extremes"])
+def test_bad_offsets_clamped_by_rule(offsets):
+    R = 40
+    a, b = make(R, 6, 5, 4)
+    off = i32(offsets)
+    out = ops.grouped_mm(a, b, off)
+    assert_close(out, ref.grouped_mm(a, b, off), "vs reference")
+    # Independently of reference.py: rules.h group_span, end(g) = clamp(max(off[0..g]), 0, R).
+    expect = torch.zeros(R, 5)
+    start = 0
+    for g in range(4):
+        end = min(max(0, max(offsets[: g + 1])), R)
+        if end > start:
+            expect[start:end] = a[start:end] @ b[g]
+        start = end
+    assert_close(out, expect, "vs rules.h group_span")
+
+
+def test_zero_rows_and_zero_groups():
+    a, b = make(0, 4, 3, 2)
+    out = ops.grouped_mm(a, b, i32([0, 0]))
+    assert out.shape == (0, 3)
+    a, b = make(7, 4, 3, 0)
+    out = ops.grouped_mm(a, b, torch.zeros(0, dtype=torch.int32))
+    assert_exact(out, torch.zeros(7, 3), "no groups: all rows zero")
+    a, b = make(7, 0, 3, 2)   # K = 0: empty reduction
+    out = ops.grouped_mm(a, b, i32([3, 7]))
+    assert_exact(out, torch.zeros(7, 3), "K = 0")
+
+
+def test_non_contiguous_inputs():
+    R, Kd, Nd, G = 33, 12, 10, 3
+    a = torch.randn(Kd, R).t()                     # column-major a
+    b = torch.randn(G, Kd, 2 * Nd)[:, :, ::2]      # strided last dim
+    off = torch.stack([i32([5, 9]), i32([20, 3]), i32([30, 0])], 1).reshape(-1)[::2]
+    assert not a.is_contiguous() and not b.is_contiguous() and not off.is_contiguous()
+    out = ops.grouped_mm(a, b, off)
+    assert_close(out, ref.grouped_mm(a, b, off.contiguous()), "non-contiguous")
+
+
+def test_poison_rows_outside_groups():
+    R, Kd, Nd, G = 48, 16, 12, 4
+    a, b = make(R, Kd, Nd, G)
+    offsets = i32([10, 10, 25, 30])
+    a[30:] = float("nan")                  # rows after the last offset belong to no group
+    poison_allocator(((R, Nd), torch.float32))
+    out = ops.grouped_mm(a, b, offsets)
+    assert torch.isfinite(out).all()
+    assert (out[30:] == 0).all()
+    assert_close(out, ref.grouped_mm(a, b, offsets), "grouped_mm")
+
+
+def test_deterministic():
+    a, b = make(500, 64, 64, 8)
+    offsets = random_offsets(8, 500)
+    out1 = ops.grouped_mm(a, b, offsets)
+    out2 = ops.grouped_mm(a, b, offsets)
+    assert_exact(out2, out1, "run 2")
+    w1 = ops.grouped_mm_wgrad(a, out1, offsets)
+    w2 = ops.grouped_mm_wgrad(a, out1, offsets)
+    assert_exact(w2, w1, "wgrad run 2")
+
+
+# ---- grouped_mm_wgrad --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW], ids=str)
+def test_wgrad_matches_reference(dtype):
+    R, Kd, Nd, G = 60, 12, 20, 6
+    a = torch.randn(R, Kd).to(dtype)
+    dout = torch.randn(R, Nd).to(dtype)
+    offsets = random_offsets(G, R)
+    db = ops.grouped_mm_wgrad(a, dout, offsets)
+    assert db.dtype == dtype and db.shape == (G, Kd, Nd)
+    expect = ref.grouped_mm_wgrad(a.double(), dout.double(), offsets)
+    check_float(db, expect, dtype, f"wgrad {dtype}")
+    spans = ref.group_spans(offsets, R)
+    for g, (s, e) in enumerate(spans):
+        if e == s:
+            assert (db[g] == 0).all(), f"empty group {g} must be zero"
+
+
+def test_wgrad_handwritten_and_clamped_offsets():
+    a = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    dout = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]])
+    offsets = i32([2, 1, 3])      # group 1 clamped to empty; row 3 in no group
+    db = ops.grouped_mm_wgrad(a, dout, offsets)
+    expect = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]], [[3.0, 3.0]]])
+    assert_exact(db, expect, "wgrad")
+
+
+def test_wgrad_ignores_rows_outside_groups():
+    R, Kd, Nd = 40, 5, 7
+    a, dout = torch.randn(R, Kd), torch.randn(R, Nd)
+    offsets = i32([-4, 12, 12, 31])
+    a[31:] = float("nan")
+    dout[31:] = float("nan")
+    poison_allocator(((4, Kd, Nd), torch.float32))
+    db = ops.grouped_mm_wgrad(a, dout, offsets)
+    assert torch.isfinite(db).all()
+    assert_close(db, ref.grouped_mm_wgrad(a, dout, offsets), "wgrad")
+    assert (db[0] == 0).all() and (db[2] == 0).all()
+
+
+def test_wgrad_zero_rows():
+    db = ops.grouped_mm_wgrad(torch.zeros(0, 3), torch.zeros(0, 4), i32([0, 0]))
+    assert_exact(db, torch.zeros(2, 3, 4), "R = 0")
+
+
+def test_wgrad_non_contiguous():
+    R, Kd, Nd, G = 30, 6, 9, 3
+    a = torch.randn(Kd, R).t()
+    dout = torch.randn(R, 2 * Nd)[:, 1::2]
+    offsets = random_offsets(G, R)
+    db = ops.grouped_mm_wgrad(a, dout, offsets)
+    assert_close(db, ref.grouped_mm_wgrad(a, dout, offsets), "non-contiguous wgrad")
+
+
+# ---- gradients --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+def test_gradcheck(transposed_b):
+    R, Kd, Nd, G = 9, 3, 4, 3
+    a = torch.randn(R, Kd, dtype=torch.float64, requires_grad=True)
+    offsets = i32([3, 3, 7])           # an empty group and two tail rows
+    if transposed_b:
+        b_store = torch.randn(G, Nd, Kd, dtype=torch.float64, requires_grad=True)
+
+        def fn(a, bs):
+            return ops.grouped_mm(a, bs.transpose(1, 2), offsets)
+    else:
+        b_store = torch.randn(G, Kd, Nd, dtype=torch.float64, requires_grad=True)
+
+        def fn(a, bs):
+            return ops.grouped_mm(a, bs, offsets)
+
+    assert torch.autograd.gradcheck(fn, (a, b_store), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+def test_grad_matches_reference_autograd(transposed_b):
+    R, Kd, Nd, G = 50, 10, 12, 5
+    a0, b0 = make(R, Kd, Nd, G, transposed_b=transposed_b)
+    offsets = random_offsets(G, R)
+    g = torch.randn(R, Nd)
+    grads = []
+    for fn in (ops.grouped_mm, ref.grouped_mm):
+        a = a0.clone().requires_grad_()
+        bs = (b0.transpose(1, 2) if transposed_b else b0).clone().requires_grad_()
+        b = bs.transpose(1, 2) if transposed_b else bs
+        fn(a, b, offsets).backward(g)
+        grads.append((a.grad, bs.grad))
+    assert_close(grads[0][0], grads[1][0], "grad a")
+    assert_close(grads[0][1], grads[1][1], "grad b")
+    for g_, (s, e) in enumerate(ref.group_spans(offsets, R)):
+        if e == s:
+            assert (grads[0][1][g_] == 0).all(), "empty group: zero weight grad"
+    tail = int(offsets[-1])
+    assert (grads[0][0][tail:] == 0).all(), "rows after the last group get no grad"

@@ -1,0 +1,143 @@
+"""torch.library.opcheck on every op, forward and backward ops, on CPU: schema, fake
+(meta) implementation, autograd registration and AOT dispatch with dynamic shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_ids, random_offsets, randint, routing_inputs
+
+ops = torch.ops.anyexperts
+
+
+def _topk_samples():
+    for norm in ("none", "selected", "real"):
+        logits, slots, mv = routing_inputs(9, 8, 4, wild=True)
+        yield f"fp32-{norm}", (logits.requires_grad_(), slots, mv, 4, 6, norm)
+    logits, slots, mv = routing_inputs(5, 6, 3, dtype=torch.bfloat16)
+    yield "bf16", (logits.requires_grad_(), slots, mv, 3, 6, "selected")
+    logits, slots, mv = routing_inputs(6, 5, 7, dtype=torch.float64)
+    yield "fp64-kmax>E", (logits.requires_grad_(), slots, mv, 7, 3, "real")
+    logits, slots, mv = routing_inputs(0, 5, 2)
+    yield "T0", (logits, slots, mv, 2, 5, "none")
+
+
+def _topk_backward_samples():
+    for norm in ("none", "selected", "real"):
+        logits, slots, mv = routing_inputs(7, 8, 4)
+        ids, _ = ops.segmented_topk(logits, slots, mv, 4, 6, norm)
+        yield norm, (torch.randn(7, 4), logits, ids, 6, norm)
+
+
+def _permute_samples():
+    for align in (1, 8):
+        x = torch.randn(10, 6, requires_grad=True)
+        yield f"align{align}", (x, random_ids(10, 3, 5), 5, align)
+    yield "bf16", (torch.randn(4, 8, dtype=torch.bfloat16), random_ids(4, 2, 3), 3, 16)
+    yield "T0", (torch.randn(0, 4), torch.zeros(0, 3, dtype=torch.int32), 2, 4)
+
+
+def _grouped_mm_samples():
+    a = torch.randn(20, 8, requires_grad=True)
+    b = torch.randn(3, 8, 5, requires_grad=True)
+    yield "plain", (a, b, random_offsets(3, 20))
+    bT = torch.randn(3, 5, 8, requires_grad=True).transpose(1, 2)
+    yield "b-transposed-view", (torch.randn(20, 8, requires_grad=True), bT,
+                                torch.tensor([4, 4, 15], dtype=torch.int32))
+    yield "bf16", (torch.randn(16, 8, dtype=torch.bfloat16, requires_grad=True),
+                   torch.randn(2, 8, 8, dtype=torch.bfloat16, requires_grad=True),
+                   torch.tensor([8, 16], dtype=torch.int32))
+
+
+def _wgrad_samples():
+    yield "plain", (torch.randn(20, 8), torch.randn(20, 5), random_offsets(3, 20))
+    yield "empty", (torch.randn(6, 3), torch.randn(6, 2), torch.zeros(4, dtype=torch.int32))
+
+
+def _unpermute_samples():
+    rows = randint(-1, 29, (8, 3))
+    yield "fp32", (torch.randn(30, 6, requires_grad=True), rows,
+                   torch.randn(8, 3, requires_grad=True))
+    yield "bf16", (torch.randn(30, 6, dtype=torch.bfloat16, requires_grad=True), rows,
+                   torch.randn(8, 3, requires_grad=True))
+    yield "fp64", (torch.randn(30, 6, dtype=torch.float64, requires_grad=True), rows,
+                   torch.randn(8, 3, dtype=torch.float64, requires_grad=True))
+
+
+def _unpermute_backward_samples():
+    rows = randint(-1, 29, (8, 3))
+    yield "fp32", (torch.randn(8, 6), torch.randn(30, 6), rows, torch.randn(8, 3))
+    yield "bf16", (torch.randn(8, 6, dtype=torch.bfloat16),
+                   torch.randn(30, 6, dtype=torch.bfloat16), rows, torch.randn(8, 3))
+
+
+SAMPLERS = {
+    "segmented_topk": _topk_samples,
+    "segmented_topk_backward": _topk_backward_samples,
+    "permute": _permute_samples,
+    "grouped_mm": _grouped_mm_samples,
+    "grouped_mm_wgrad": _wgrad_samples,
+    "unpermute": _unpermute_samples,
+    "unpermute_backward": _unpermute_backward_samples,
+}
+
+
+ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+
+
+def _opcheck(name, label, args, test_utils=ALL_UTILS):
+    try:
+        torch.library.opcheck(getattr(ops, name).default, args, test_utils=test_utils)
+    except Exception as e:  # name the sample that failed
+        raise AssertionError(f"opcheck {name} [{label}]: {e}") from e
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_opcheck(name):
+    n = 0
+    for label, args in SAMPLERS[name]():
+        grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if name == "segmented_topk" and grad:
+            # opcheck's AOT backward check sums all outputs into one tensor starting from
+            # the first; ids (int32) come first, so it fails in the harness itself
+            # ("result type Float can't be cast to ... Long"). Run the other checks with
+            # grad, AOT dispatch without grad; test_aot_autograd_segmented_topk covers
+            # the backward under AOT.
+            _opcheck(name, label, args, ALL_UTILS[:3])
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            _opcheck(name, label + "-nograd", args, ALL_UTILS[3:])
+        else:
+            _opcheck(name, label, args)
+        n += 1
+    assert n > 0
+
+
+@pytest.mark.parametrize("norm", ["none", "selected", "real"])
+def test_aot_autograd_segmented_topk(norm):
+    """The backward of segmented_topk through AOTAutograd with dynamic shapes equals eager."""
+    logits0, slots, mv = routing_inputs(9, 8, 4, wild=True)
+    gw = torch.randn(9, 4)
+
+    def fn(logits, slots, mv):
+        ids, w = ops.segmented_topk(logits, slots, mv, 4, 6, norm)
+        return ids, (w * gw).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    res = []
+    for f in (fn, compiled):
+        logits = logits0.clone().requires_grad_()
+        ids, loss = f(logits, slots, mv)
+        loss.backward()
+        res.append((ids, loss.detach(), logits.grad))
+    assert torch.equal(res[0][0], res[1][0])
+    torch.testing.assert_close(res[1][1], res[0][1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res[1][2], res[0][2], rtol=1e-6, atol=1e-7)
+    assert res[0][2].abs().sum() > 0
+
+
+def test_every_op_is_checked():
+    names = {op.split("::")[1] for op in torch._C._dispatch_get_all_op_names()
+             if op.startswith("anyexperts::")}
+    assert names == set(SAMPLERS), f"ops without opcheck samples: {names - set(SAMPLERS)}"
