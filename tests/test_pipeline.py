@@ -3,6 +3,7 @@ segmented_topk -> permute -> grouped_mm (gate/up) -> SwiGLU -> grouped_mm (down)
 """
 from __future__ import annotations
 
+import os
 import types
 
 import anyexperts_ops as ae
@@ -141,8 +142,11 @@ def test_larger_T_forward_matches_reference():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    """torch.compile(fullgraph=True, backend="inductor") of the pipeline, forward and
-    backward, equals eager (inductor also relies on the fakes' strides; ~20 s cold on 2 cores)."""
+    """torch.compile(fullgraph=True) of the pipeline, forward and backward, equals eager.
+    Backend aot_eager by default (graph capture, functionalisation, fakes and the autograd
+    formulas, ~7 s); inductor's C++ codegen takes ~55 s cold on 2 cores, so it runs with
+    ANYEXPERTS_TEST_INDUCTOR=1 (it passes there too)."""
+    backend = "inductor" if os.environ.get("ANYEXPERTS_TEST_INDUCTOR") == "1" else "aot_eager"
     T, H, Fw, N, M, k_max, align = 12, 8, 8, 4, 2, 3, 8
     x, logits, w1, w2, slots, mv = make_layer(T, H, Fw, N, M, k_max)
     gout = torch.randn(T, H)
@@ -151,7 +155,7 @@ def test_torch_compile_fullgraph_matches_eager():
         return pipeline(OPS, x, logits, w1, w2, slots, mv, k_max, N, align, "selected")
 
     torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
     res = []
     for f in (fn, compiled):
         leaves = [t.clone().requires_grad_() for t in (x, logits, w1, w2)]
