@@ -1,0 +1,259 @@
+// unpermute and its backward on CUDA (DESIGN.md section 3).
+//
+// Forward: one warp per token gathers the token's slot rows and reduces them in registers
+// (fp32, fp64 for fp64 y), j ascending, so there are no atomics and the sum order is fixed.
+// Backward: one warp per slot reads grad_out[t] and y[row] once, writing
+// grad_y[row] = w * grad_out[t] and grad_weights = <grad_out[t], y[row]>; a second pass
+// zeroes the rows no slot refers to. Rows are 16-byte vectors where alignment allows.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "anyexperts/checks.h"
+#include "anyexperts/cuda_utils.cuh"
+#include "anyexperts/rules.h"
+
+namespace anyexperts {
+namespace {
+
+using cuda::kWarp;
+using cuda::opmath_t;
+using cuda::Pack;
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int kSlotBatch = 4;  // slot rows loaded before any is accumulated, for overlap
+
+__device__ __forceinline__ int64_t warp_id() {
+  return int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp;
+}
+
+__device__ __forceinline__ int64_t warp_count() { return int64_t{gridDim.x} * kWarpsPerBlock; }
+
+template <typename scalar_t, typename weight_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    unpermute_kernel(const scalar_t* __restrict__ y, const int32_t* __restrict__ slot_rows,
+                     const weight_t* __restrict__ weights, scalar_t* __restrict__ out,
+                     int64_t tokens, int64_t k, int64_t rows, int64_t vecs) {
+  using acc_t = opmath_t<scalar_t>;
+  using V = Pack<scalar_t, kVec>;
+  const V* yv = reinterpret_cast<const V*>(y);
+  V* ov = reinterpret_cast<V*>(out);
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t t = warp_id(); t < tokens; t += warp_count()) {
+    const int32_t* token_rows = slot_rows + t * k;
+    const weight_t* token_weights = weights + t * k;
+    for (int64_t v = lane; v < vecs; v += kWarp) {
+      acc_t acc[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] = 0;
+      for (int64_t j0 = 0; j0 < k; j0 += kSlotBatch) {
+        int64_t row[kSlotBatch];
+        acc_t w[kSlotBatch];
+        V val[kSlotBatch];
+#pragma unroll
+        for (int b = 0; b < kSlotBatch; ++b) {
+          const int32_t r = j0 + b < k ? token_rows[j0 + b] : -1;
+          row[b] = is_live_row(r, rows) ? r : -1;
+          if (row[b] >= 0) {
+            w[b] = static_cast<acc_t>(token_weights[j0 + b]);
+            val[b] = yv[row[b] * vecs + v];
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kSlotBatch; ++b) {
+          if (row[b] < 0) continue;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            acc[e] = acc[e] + cuda::mul_rn(w[b], static_cast<acc_t>(val[b].v[e]));
+          }
+        }
+      }
+      V o;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) o.v[e] = static_cast<scalar_t>(acc[e]);
+      ov[t * vecs + v] = o;
+    }
+  }
+}
+
+// Live rows are assumed distinct, as permute produces them: each row of grad_y then has at
+// most one writer. Rows shared by several slots would race here (last writer wins).
+template <typename scalar_t, typename weight_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    unpermute_backward_kernel(const scalar_t* __restrict__ grad_out,
+                              const scalar_t* __restrict__ y,
+                              const int32_t* __restrict__ slot_rows,
+                              const weight_t* __restrict__ weights, scalar_t* __restrict__ grad_y,
+                              weight_t* __restrict__ grad_weights,
+                              uint8_t* __restrict__ referenced, int64_t slots, int64_t k,
+                              int64_t rows, int64_t vecs) {
+  using acc_t = opmath_t<scalar_t>;
+  using V = Pack<scalar_t, kVec>;
+  const V* gv = reinterpret_cast<const V*>(grad_out);
+  const V* yv = reinterpret_cast<const V*>(y);
+  V* gyv = reinterpret_cast<V*>(grad_y);
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t s = warp_id(); s < slots; s += warp_count()) {
+    const int32_t r = slot_rows[s];
+    if (!is_live_row(r, rows)) {
+      if (lane == 0) grad_weights[s] = 0;
+      continue;
+    }
+    const int64_t t = s / k;
+    const acc_t w = static_cast<acc_t>(weights[s]);
+    acc_t dot = 0;
+    for (int64_t v = lane; v < vecs; v += kWarp) {
+      const V g = gv[t * vecs + v];
+      const V x = yv[r * vecs + v];
+      V o;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t ge = static_cast<acc_t>(g.v[e]);
+        dot = fma(ge, static_cast<acc_t>(x.v[e]), dot);
+        o.v[e] = static_cast<scalar_t>(cuda::mul_rn(w, ge));
+      }
+      gyv[r * vecs + v] = o;
+    }
+    dot = cuda::warp_sum(dot);
+    if (lane == 0) {
+      grad_weights[s] = static_cast<weight_t>(dot);
+      referenced[r] = 1;
+    }
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    zero_unreferenced_kernel(const uint8_t* __restrict__ referenced,
+                             scalar_t* __restrict__ grad_y, int64_t rows, int64_t vecs) {
+  using V = Pack<scalar_t, kVec>;
+  V* gyv = reinterpret_cast<V*>(grad_y);
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = warp_id(); r < rows; r += warp_count()) {
+    if (referenced[r]) continue;
+    for (int64_t v = lane; v < vecs; v += kWarp) gyv[r * vecs + v] = V{};
+  }
+}
+
+// ---- host -----------------------------------------------------------------------------
+
+// Weights are fp32, or fp64 with fp64 y (checked): only those pairs are instantiated.
+template <typename scalar_t, typename F>
+void with_weight_type(at::ScalarType weights, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    if (weights == at::kDouble) return f(double{});
+  }
+  f(float{});
+}
+
+template <typename scalar_t, typename F>
+void with_vec(int width, F&& f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (width == kVec) return f(std::integral_constant<int, kVec>{});
+  f(std::integral_constant<int, 1>{});
+}
+
+at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& slot_rows,
+                          const at::Tensor& weights) {
+  check_unpermute(y, slot_rows, weights);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cuda::NvtxRange range("anyexperts::unpermute");
+  const at::Tensor yc = y.contiguous();
+  const at::Tensor rc = slot_rows.contiguous();
+  const at::Tensor wc = weights.contiguous();
+  const int64_t tokens = rc.size(0);
+  const int64_t k = rc.size(1);
+  const int64_t rows = yc.size(0);
+  const int64_t hidden = yc.size(1);
+  at::Tensor out = at::empty({tokens, hidden}, yc.options());
+  if (tokens == 0 || hidden == 0) return out;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, yc.scalar_type(), "unpermute_cuda",
+                                  [&] {
+    const int width =
+        cuda::vec_width<scalar_t>(hidden, {yc.const_data_ptr(), out.const_data_ptr()});
+    with_weight_type<scalar_t>(wc.scalar_type(), [&](auto w) {
+      using weight_t = decltype(w);
+      with_vec<scalar_t>(width, [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        unpermute_kernel<scalar_t, weight_t, kVec>
+            <<<cuda::grid_for(tokens, kWarpsPerBlock), kThreads, 0, stream>>>(
+                yc.const_data_ptr<scalar_t>(), rc.const_data_ptr<int32_t>(),
+                wc.const_data_ptr<weight_t>(), out.mutable_data_ptr<scalar_t>(), tokens, k, rows,
+                hidden / kVec);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_out,
+                                                           const at::Tensor& y,
+                                                           const at::Tensor& slot_rows,
+                                                           const at::Tensor& weights) {
+  check_unpermute_backward(grad_out, y, slot_rows, weights);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cuda::NvtxRange range("anyexperts::unpermute_backward");
+  const at::Tensor gc = grad_out.contiguous();
+  const at::Tensor yc = y.contiguous();
+  const at::Tensor rc = slot_rows.contiguous();
+  const at::Tensor wc = weights.contiguous();
+  const int64_t slots = rc.numel();
+  const int64_t k = rc.size(1);
+  const int64_t rows = yc.size(0);
+  const int64_t hidden = yc.size(1);
+  at::Tensor grad_y = at::empty({rows, hidden}, yc.options());
+  at::Tensor grad_weights = at::empty(wc.sizes(), wc.options());
+  at::Tensor referenced = at::zeros({rows}, yc.options().dtype(at::kByte));
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, yc.scalar_type(),
+                                  "unpermute_backward_cuda", [&] {
+    const int width = cuda::vec_width<scalar_t>(
+        hidden, {gc.const_data_ptr(), yc.const_data_ptr(), grad_y.const_data_ptr()});
+    with_weight_type<scalar_t>(wc.scalar_type(), [&](auto w) {
+      using weight_t = decltype(w);
+      with_vec<scalar_t>(width, [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        if (slots > 0) {
+          unpermute_backward_kernel<scalar_t, weight_t, kVec>
+              <<<cuda::grid_for(slots, kWarpsPerBlock), kThreads, 0, stream>>>(
+                  gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(),
+                  rc.const_data_ptr<int32_t>(), wc.const_data_ptr<weight_t>(),
+                  grad_y.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<weight_t>(),
+                  referenced.mutable_data_ptr<uint8_t>(), slots, k, rows, hidden / kVec);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (rows > 0 && hidden > 0) {
+          zero_unreferenced_kernel<scalar_t, kVec>
+              <<<cuda::grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+                  referenced.const_data_ptr<uint8_t>(), grad_y.mutable_data_ptr<scalar_t>(), rows,
+                  hidden / kVec);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    });
+  });
+  return {grad_y, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anyexperts, CUDA, m) {
+  m.impl("unpermute", &unpermute_cuda);
+  m.impl("unpermute_backward", &unpermute_backward_cuda);
+}
+
+}  // namespace anyexperts
