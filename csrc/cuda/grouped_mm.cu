@@ -1,0 +1,494 @@
+// grouped_mm and grouped_mm_wgrad on CUDA (DESIGN.md section 3).
+//
+// Two paths, chosen per call on the host without reading any device value:
+//   SM90:     the CUTLASS 3.x Hopper grouped GEMMs of csrc/cuda/sm90/ (TMA + WGMMA,
+//             warp-specialized persistent kernels), when they are compiled in
+//             (ANYEXPERTS_SM90), the device is compute capability 9.0, the dtype is bf16 or
+//             fp16 and K, N are multiples of 8 (TMA needs 16-byte aligned rows). Operands
+//             whose strides or base pointers TMA cannot take are copied to contiguous
+//             storage first (a copy is far cheaper than the SIMT path).
+//   Fallback: a tiled SIMT kernel, fp32 accumulation (fp64 for fp64), any float dtype and
+//             any strides, for every other case (other GPUs, fp32/fp64, odd sizes).
+// Neither path synchronises with the host: group spans are computed on the device from
+// `offsets` by anyexperts::group_span (rules.h), so both are CUDA-graph capturable.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "anyexperts/checks.h"
+#include "anyexperts/rules.h"
+
+#if defined(ANYEXPERTS_SM90)
+#include "anyexperts/grouped_mm_sm90.h"
+#endif
+
+namespace anyexperts {
+namespace {
+
+// ======================================================================================
+// Fallback: tiled SIMT grouped GEMM
+// ======================================================================================
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+constexpr int kTile = 64;      // output tile kTile x kTile per block
+constexpr int kTileK = 16;     // reduction slice staged in shared memory
+constexpr int kThreadsXY = 16; // 16x16 threads, 4x4 outputs each (rows ty+16i, cols tx+16j)
+constexpr int kPerThread = kTile / kThreadsXY;
+
+// ends[g] = group_end(offsets, g, rows), so group g spans [ends[g-1], ends[g]).
+__global__ void group_ends_kernel(const int32_t* __restrict__ offsets, int64_t groups,
+                                  int64_t rows, int64_t* __restrict__ ends) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g < groups) ends[g] = group_end(offsets, static_cast<int>(g), rows);
+}
+
+// out[r, :] = a[r, :] @ b[g(r)] for r < ends[G-1], zero after. Row blocks may straddle
+// groups: the block runs one pass per group it overlaps, each pass reading only that
+// group's rows of a (others masked, never multiplied, so NaNs elsewhere cannot leak).
+template <typename T>
+__global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
+    fallback_grouped_mm_kernel(const T* __restrict__ a, int64_t sa0, int64_t sa1,
+                               const T* __restrict__ b, int64_t sb0, int64_t sb1, int64_t sb2,
+                               T* __restrict__ out, const int64_t* __restrict__ ends,
+                               int64_t groups, int64_t rows, int64_t K, int64_t N) {
+  using Acc = typename AccOf<T>::type;
+  __shared__ Acc sa[kTileK][kTile + 1];
+  __shared__ Acc sb[kTileK][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kThreadsXY + tx;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile;
+
+  Acc acc[kPerThread][kPerThread];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) acc[i][j] = Acc(0);
+
+  // First group ending after r0 (ends are non-decreasing).
+  int64_t lo = 0, hi = groups;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (ends[mid] > r0) hi = mid; else lo = mid + 1;
+  }
+  for (int64_t g = lo; g < groups; ++g) {
+    const int64_t gb = g == 0 ? 0 : ends[g - 1];
+    const int64_t ge = ends[g];
+    if (gb >= r1) break;
+    const int64_t lo_r = gb > r0 ? gb : r0;
+    const int64_t hi_r = ge < r1 ? ge : r1;
+    if (lo_r >= hi_r) continue;  // empty group
+    const T* bg = b + g * sb0;
+    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+      for (int idx = tid; idx < kTile * kTileK; idx += kThreadsXY * kThreadsXY) {
+        const int i = idx / kTileK, kk = idx % kTileK;
+        const int64_t r = r0 + i, k = k0 + kk;
+        sa[kk][i] = (r >= lo_r && r < hi_r && k < K) ? static_cast<Acc>(a[r * sa0 + k * sa1]) : Acc(0);
+      }
+      for (int idx = tid; idx < kTile * kTileK; idx += kThreadsXY * kThreadsXY) {
+        const int kk = idx / kTile, j = idx % kTile;
+        const int64_t c = c0 + j, k = k0 + kk;
+        sb[kk][j] = (c < N && k < K) ? static_cast<Acc>(bg[k * sb1 + c * sb2]) : Acc(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kTileK; ++kk) {
+        Acc av[kPerThread], bv[kPerThread];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) av[i] = sa[kk][ty + kThreadsXY * i];
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) bv[j] = sb[kk][tx + kThreadsXY * j];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * bv[j];
+      }
+      __syncthreads();
+    }
+  }
+  // Rows past ends[G-1] were never accumulated: they are written as zero.
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t r = r0 + ty + kThreadsXY * i;
+    if (r >= r1) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t c = c0 + tx + kThreadsXY * j;
+      if (c < N) out[r * N + c] = static_cast<T>(acc[i][j]);
+    }
+  }
+}
+
+// db[g] = a[rows of g]^T @ dout[rows of g]; empty groups write zeros. Block (x, y, z):
+// columns x, rows y of db[g] for g = z, z + gridDim.z, ...
+template <typename T>
+__global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
+    fallback_grouped_mm_wgrad_kernel(const T* __restrict__ a, int64_t sa0, int64_t sa1,
+                                     const T* __restrict__ d, int64_t sd0, int64_t sd1,
+                                     T* __restrict__ db, const int64_t* __restrict__ ends,
+                                     int64_t groups, int64_t K, int64_t N) {
+  using Acc = typename AccOf<T>::type;
+  __shared__ Acc sa[kTileK][kTile + 1];
+  __shared__ Acc sd[kTileK][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kThreadsXY + tx;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;  // rows of db[g] (K)
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile;  // columns of db[g] (N)
+  for (int64_t g = blockIdx.z; g < groups; g += gridDim.z) {
+    const int64_t gb = g == 0 ? 0 : ends[g - 1];
+    const int64_t ge = ends[g];
+    Acc acc[kPerThread][kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) acc[i][j] = Acc(0);
+    for (int64_t r0 = gb; r0 < ge; r0 += kTileK) {
+      for (int idx = tid; idx < kTile * kTileK; idx += kThreadsXY * kThreadsXY) {
+        const int kk = idx / kTile, i = idx % kTile;
+        const int64_t r = r0 + kk;
+        const int64_t m = m0 + i, n = n0 + i;
+        sa[kk][i] = (r < ge && m < K) ? static_cast<Acc>(a[r * sa0 + m * sa1]) : Acc(0);
+        sd[kk][i] = (r < ge && n < N) ? static_cast<Acc>(d[r * sd0 + n * sd1]) : Acc(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kTileK; ++kk) {
+        Acc av[kPerThread], dv[kPerThread];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) av[i] = sa[kk][ty + kThreadsXY * i];
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) dv[j] = sd[kk][tx + kThreadsXY * j];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * dv[j];
+      }
+      __syncthreads();
+    }
+    T* out = db + g * K * N;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t m = m0 + ty + kThreadsXY * i;
+      if (m >= K) continue;
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int64_t n = n0 + tx + kThreadsXY * j;
+        if (n < N) out[m * N + n] = static_cast<T>(acc[i][j]);
+      }
+    }
+  }
+}
+
+at::Tensor group_ends(const at::Tensor& offsets, int64_t rows, cudaStream_t stream) {
+  const int64_t G = offsets.size(0);
+  auto ends = at::empty({G}, offsets.options().dtype(at::kLong));
+  constexpr int kThreads = 256;
+  group_ends_kernel<<<static_cast<unsigned>((G + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      offsets.data_ptr<int32_t>(), G, rows, ends.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ends;
+}
+
+constexpr int64_t kMaxGridY = 65535;
+
+void fallback_grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                         at::Tensor& out) {
+  const int64_t R = a.size(0), K = a.size(1), N = b.size(2), G = b.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  const auto ends = group_ends(offsets, R, stream);
+  const int64_t col_blocks = (N + kTile - 1) / kTile;
+  TORCH_CHECK(col_blocks <= kMaxGridY, "grouped_mm: N = ", N, " is too large for the fallback kernel");
+  const dim3 grid(static_cast<unsigned>((R + kTile - 1) / kTile), static_cast<unsigned>(col_blocks));
+  const dim3 block(kThreadsXY, kThreadsXY);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_cuda", [&] {
+    fallback_grouped_mm_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(0),
+        b.stride(1), b.stride(2), out.data_ptr<scalar_t>(), ends.data_ptr<int64_t>(), G, R, K, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void fallback_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& dout,
+                               const at::Tensor& offsets, at::Tensor& db) {
+  const int64_t R = a.size(0), K = a.size(1), N = dout.size(1), G = offsets.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  const auto ends = group_ends(offsets, R, stream);
+  const int64_t row_blocks = (K + kTile - 1) / kTile;
+  TORCH_CHECK(row_blocks <= kMaxGridY, "grouped_mm_wgrad: K = ", K,
+              " is too large for the fallback kernel");
+  const dim3 grid(static_cast<unsigned>((N + kTile - 1) / kTile), static_cast<unsigned>(row_blocks),
+                  static_cast<unsigned>(std::min<int64_t>(G, kMaxGridY)));
+  const dim3 block(kThreadsXY, kThreadsXY);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_wgrad_cuda", [&] {
+    fallback_grouped_mm_wgrad_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), dout.data_ptr<scalar_t>(),
+        dout.stride(0), dout.stride(1), db.data_ptr<scalar_t>(), ends.data_ptr<int64_t>(), G, K, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ======================================================================================
+// SM90 path: eligibility, operand preparation, kernel choice
+// ======================================================================================
+
+#if defined(ANYEXPERTS_SM90)
+
+// Per-device facts, read once: compute capability and SM count.
+struct DeviceInfo {
+  int major = 0;
+  int minor = 0;
+  int sm_count = 0;
+};
+
+const DeviceInfo& device_info(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::array<DeviceInfo, kMaxDevices> infos{};
+  static std::array<std::atomic<bool>, kMaxDevices> ready{};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "grouped_mm: device index ", device,
+              " out of range");
+  if (!ready[device].load(std::memory_order_acquire)) {
+    DeviceInfo info;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
+    infos[device] = info;  // idempotent: racing writers store the same values
+    ready[device].store(true, std::memory_order_release);
+  }
+  return infos[device];
+}
+
+bool is_sm90(const at::Device& device) {
+  const DeviceInfo& info = device_info(device.index());
+  return info.major == 9 && info.minor == 0;
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// A leading dimension TMA takes: a multiple of 16 bytes, and rows that do not overlap.
+bool tma_ld_ok(int64_t ld, int64_t row_len) { return ld % 8 == 0 && ld >= row_len; }
+
+// A 2-D operand TMA can read row by row: unit column stride, 16-byte row stride and base.
+bool tma_rows_ok(const at::Tensor& t) {
+  return t.stride(1) == 1 && (t.size(0) <= 1 || tma_ld_ok(t.stride(0), t.size(1))) &&
+         aligned16(t);
+}
+
+// `t` itself when TMA can read it, else a fresh contiguous (so 16-byte aligned) copy.
+at::Tensor tma_rows(const at::Tensor& t) {
+  return tma_rows_ok(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+bool sm90_eligible(const at::Tensor& a, int64_t K, int64_t N) {
+  const auto dt = a.scalar_type();
+  return (dt == at::kBFloat16 || dt == at::kHalf) && K % 8 == 0 && N % 8 == 0 &&
+         is_sm90(a.device());
+}
+
+// The workspace (CUTLASS's per-SM TMA descriptors, then the per-group argument arrays) is a
+// byte tensor from the caching allocator: no cudaMalloc, and graph capture keeps it alive.
+sm90::Launch make_launch(const at::Tensor& like, size_t workspace_bytes, at::Tensor& workspace) {
+  const int device = like.device().index();
+  workspace = at::empty({static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))},
+                        like.options().dtype(at::kByte));
+  return {workspace.data_ptr(), c10::cuda::getCurrentCUDAStream(device).stream(), device,
+          device_info(device).sm_count};
+}
+
+// ---- Kernel choice: the one place where a schedule is picked for a shape -------------
+//
+// The schedules (grouped_mm_sm90.h):
+//   kCooperative128x256 (128x256x64 tiles, 2x1 cluster): the throughput kernel. The two
+//     warpgroups share each staged B tile (half the B loads of 64-row tiles), and the
+//     cluster multicasts each expert's B tile to the two CTAs holding neighbouring 128-row
+//     tiles. Wins when groups hold many rows (prefill, training: m_avg in the hundreds or
+//     thousands; all benchmark shapes of bench/bench_grouped_mm.py).
+//   kPingpong64x256 (64x256x64 tiles, no cluster): each warpgroup owns a 64-row tile, and
+//     one warpgroup's epilogue overlaps the other's mainloop. Wins when groups are short
+//     (decode, many small experts): a 128-row tile would be mostly padding, and a 2x1
+//     cluster would round every group up to an even number of M tiles.
+// The choice uses m_avg = R / G, the mean rows per group, an upper bound known on the
+// host without reading offsets: pingpong when m_avg <= 128, else cooperative. fp16 has
+// only the cooperative kernel compiled (compile time; bf16 is the training dtype).
+// ANYEXPERTS_GROUPED_MM_SCHEDULE=cooperative|pingpong overrides the choice (for tuning).
+// grouped_mm_wgrad always runs the cooperative kernel: its output db[g] is K x N for every
+// group whatever the group's rows (those are its reduction dimension), so its tiles are
+// full-size wherever there is work.
+enum class Choice { kAuto, kCooperative, kPingpong };
+
+Choice schedule_override() {
+  static const Choice choice = [] {
+    const char* env = std::getenv("ANYEXPERTS_GROUPED_MM_SCHEDULE");
+    if (env == nullptr) return Choice::kAuto;
+    if (std::strcmp(env, "cooperative") == 0) return Choice::kCooperative;
+    if (std::strcmp(env, "pingpong") == 0) return Choice::kPingpong;
+    return Choice::kAuto;
+  }();
+  return choice;
+}
+
+sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups) {
+  switch (schedule_override()) {
+    case Choice::kCooperative: return sm90::Schedule::kCooperative128x256;
+    case Choice::kPingpong: return sm90::Schedule::kPingpong64x256;
+    default: break;
+  }
+  const int64_t m_avg = rows / std::max<int64_t>(groups, 1);
+  return m_avg <= 128 ? sm90::Schedule::kPingpong64x256 : sm90::Schedule::kCooperative128x256;
+}
+
+sm90::ForwardKernel forward_kernel(at::ScalarType dtype, sm90::BLayout layout,
+                                   sm90::Schedule schedule) {
+  const bool row = layout == sm90::BLayout::kRowMajor;
+  if (dtype == at::kBFloat16) {
+    if (schedule == sm90::Schedule::kPingpong64x256) {
+      return row ? sm90::forward_bf16_rowmajor_pingpong() : sm90::forward_bf16_colmajor_pingpong();
+    }
+    return row ? sm90::forward_bf16_rowmajor_cooperative() : sm90::forward_bf16_colmajor_cooperative();
+  }
+  return row ? sm90::forward_fp16_rowmajor_cooperative() : sm90::forward_fp16_colmajor_cooperative();
+}
+
+void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets,
+                     at::Tensor& out) {
+  const int64_t R = a_in.size(0), K = a_in.size(1), N = b_in.size(2), G = b_in.size(0);
+  const at::Tensor a = tma_rows(a_in);
+  // b[g] is K x N: row-major (N contiguous) or column-major (K contiguous, the transposed
+  // view of nn.Linear's [G,N,K] storage), each its own kernel; anything else is copied.
+  at::Tensor b = b_in;
+  auto group_stride_ok = [&](const at::Tensor& t) { return G <= 1 || t.stride(0) % 8 == 0; };
+  sm90::BLayout layout;
+  int64_t ldb;
+  if (b.stride(2) == 1 && tma_ld_ok(b.stride(1), N) && group_stride_ok(b) && aligned16(b)) {
+    layout = sm90::BLayout::kRowMajor;
+    ldb = b.stride(1);
+  } else if (b.stride(1) == 1 && tma_ld_ok(b.stride(2), K) && group_stride_ok(b) && aligned16(b)) {
+    layout = sm90::BLayout::kColMajor;
+    ldb = b.stride(2);
+  } else {
+    b = b_in.clone(at::MemoryFormat::Contiguous);
+    layout = sm90::BLayout::kRowMajor;
+    ldb = N;
+  }
+  const sm90::ForwardKernel kernel =
+      forward_kernel(a.scalar_type(), layout, select_forward_schedule(R, G));
+  sm90::ForwardProblem p{};
+  p.a = a.data_ptr();
+  p.lda = R > 1 ? a.stride(0) : K;
+  p.b = b.data_ptr();
+  p.ldb = ldb;
+  p.b_group_stride = G > 1 ? b.stride(0) : 0;
+  p.out = out.data_ptr();
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.groups = G;
+  p.rows = R;
+  p.k = K;
+  p.n = N;
+  at::Tensor workspace;
+  const int sm_count = device_info(a.device().index()).sm_count;
+  const sm90::Launch launch = make_launch(a, kernel.workspace_bytes(G, sm_count), workspace);
+  const char* err = kernel.run(p, launch);
+  TORCH_CHECK(err == nullptr, "grouped_mm: SM90 kernel ", kernel.name, " failed: ", err);
+}
+
+void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
+                           const at::Tensor& offsets, at::Tensor& db) {
+  const int64_t R = a_in.size(0), K = a_in.size(1), N = dout_in.size(1), G = offsets.size(0);
+  const at::Tensor a = tma_rows(a_in);
+  const at::Tensor dout = tma_rows(dout_in);
+  const sm90::WgradKernel kernel =
+      a.scalar_type() == at::kBFloat16 ? sm90::wgrad_bf16() : sm90::wgrad_fp16();
+  sm90::WgradProblem p{};
+  p.a = a.data_ptr();
+  p.lda = R > 1 ? a.stride(0) : K;
+  p.dout = dout.data_ptr();
+  p.ldd = R > 1 ? dout.stride(0) : N;
+  p.db = db.data_ptr();
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.groups = G;
+  p.rows = R;
+  p.k = K;
+  p.n = N;
+  at::Tensor workspace;
+  const int sm_count = device_info(a.device().index()).sm_count;
+  const sm90::Launch launch = make_launch(a, kernel.workspace_bytes(G, sm_count), workspace);
+  const char* err = kernel.run(p, launch);
+  TORCH_CHECK(err == nullptr, "grouped_mm_wgrad: SM90 kernel ", kernel.name, " failed: ", err);
+}
+
+#endif  // ANYEXPERTS_SM90
+
+// ======================================================================================
+// Ops
+// ======================================================================================
+
+at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets_in) {
+  check_grouped_mm(a, b, offsets_in);
+  TORCH_CHECK(a.is_cuda(), "grouped_mm: expected CUDA tensors, got ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t R = a.size(0), K = a.size(1), N = b.size(2), G = b.size(0);
+  auto out = at::empty({R, N}, a.options());
+  if (R == 0 || N == 0) return out;
+  if (K == 0 || G == 0) return out.zero_();  // empty sums; no group at all: every row is tail
+  TORCH_CHECK(G < (int64_t{1} << 31), "grouped_mm: too many groups");
+  const auto offsets = offsets_in.contiguous();
+#if defined(ANYEXPERTS_SM90)
+  if (sm90_eligible(a, K, N)) {
+    sm90_grouped_mm(a, b, offsets, out);
+    return out;
+  }
+#endif
+  fallback_grouped_mm(a, b, offsets, out);
+  return out;
+}
+
+at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dout,
+                                 const at::Tensor& offsets_in) {
+  check_grouped_mm_wgrad(a, dout, offsets_in);
+  TORCH_CHECK(a.is_cuda(), "grouped_mm_wgrad: expected CUDA tensors, got ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t R = a.size(0), K = a.size(1), N = dout.size(1), G = offsets_in.size(0);
+  auto db = at::empty({G, K, N}, a.options());
+  if (G == 0 || K == 0 || N == 0) return db;
+  if (R == 0) return db.zero_();  // every group is empty
+  TORCH_CHECK(G < (int64_t{1} << 31), "grouped_mm_wgrad: too many groups");
+  const auto offsets = offsets_in.contiguous();
+#if defined(ANYEXPERTS_SM90)
+  if (sm90_eligible(a, K, N)) {
+    sm90_grouped_mm_wgrad(a, dout, offsets, db);
+    return db;
+  }
+#endif
+  fallback_grouped_mm_wgrad(a, dout, offsets, db);
+  return db;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anyexperts, CUDA, m) {
+  m.impl("grouped_mm", &grouped_mm_cuda);
+  m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
+}
+
+}  // namespace anyexperts

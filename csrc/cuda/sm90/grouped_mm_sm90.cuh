@@ -1,0 +1,416 @@
+// CUTLASS 3.x SM90 grouped GEMM machinery shared by the kernel files in this folder
+// (each file names its element and layout types at the top and instantiates from here).
+//
+// Structure, following CUTLASS example 57 (hopper grouped GEMM):
+//   GroupedGemm<...>      the CollectiveBuilder-made mainloop + epilogue + GemmUniversal
+//                         kernel over cutlass::gemm::GroupProblemShape<Shape<int,int,int>>.
+//   ArgBuffers<Gemm>      per-group problem sizes, pointers and strides, carved out of the
+//                         caller's workspace (a Torch tensor) after CUTLASS's own workspace.
+//   *_prepare_kernel      fills ArgBuffers on the device from `offsets` (group spans by
+//                         anyexperts::group_span), and zeroes what the GEMM never writes:
+//                         rows past the last group (forward), db of empty groups (wgrad).
+//   run_forward/run_wgrad host side: prepare kernel, Arguments with device-only problem
+//                         shapes (host_problem_shapes = nullptr), to_underlying_arguments,
+//                         launch. No host synchronisation anywhere.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <mutex>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+#include "anyexperts/grouped_mm_sm90.h"
+#include "anyexperts/rules.h"
+
+#if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
+#error "The SM90 grouped GEMM needs CUDA >= 12.3 (modifiable TMA descriptors)"
+#endif
+
+namespace anyexperts::sm90::detail {
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // <M,N,K> per group
+using UnderlyingProblemShape = ProblemShape::UnderlyingProblemShape;
+
+// The two schedules of Schedule (grouped_mm_sm90.h), as CUTLASS types.
+struct CooperativeConfig {
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+};
+
+struct PingpongConfig {
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  using TileShape = cute::Shape<cute::_64, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+};
+
+template <class ElementA_, class LayoutA_, class ElementB_, class LayoutB_, class ElementD_,
+          class LayoutD_, class ElementAccumulator_, class Config>
+struct GroupedGemm {
+  using ElementA = ElementA_;
+  using LayoutA = LayoutA_;
+  using ElementB = ElementB_;
+  using LayoutB = LayoutB_;
+  using ElementD = ElementD_;
+  using LayoutD = LayoutD_;
+  using ElementAccumulator = ElementAccumulator_;
+  static constexpr int AlignmentA = 128 / cutlass::sizeof_bits<ElementA>::value;  // 16 bytes
+  static constexpr int AlignmentB = 128 / cutlass::sizeof_bits<ElementB>::value;
+  static constexpr int AlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;
+
+  using ArchTag = cutlass::arch::Sm90;
+  using OperatorClass = cutlass::arch::OpClassTensorOp;
+  using TileShape = typename Config::TileShape;
+  using ClusterShape = typename Config::ClusterShape;
+  using KernelSchedule = typename Config::KernelSchedule;
+  using EpilogueSchedule = typename Config::EpilogueSchedule;
+
+  // D = acc (alpha = 1), no source: ElementC = void, so no C loads and no smem for C.
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      ArchTag, OperatorClass, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
+      void, LayoutD*, AlignmentD, ElementD, LayoutD*, AlignmentD, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      ArchTag, OperatorClass, ElementA, LayoutA*, AlignmentA, ElementB, LayoutB*, AlignmentB,
+      ElementAccumulator, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+// Each stride here is rank 3 (outer, inner, batch=_0) with one unit mode and one dynamic
+// mode: set the dynamic one (the leading dimension).
+template <class Stride>
+__host__ __device__ inline Stride make_ld_stride(int64_t ld) {
+  Stride s{};
+  if constexpr (cute::is_static<cute::remove_cvref_t<decltype(cute::get<0>(s))>>::value) {
+    cute::get<1>(s) = ld;
+  } else {
+    cute::get<0>(s) = ld;
+  }
+  return s;
+}
+
+constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// Device arrays of the per-group kernel arguments, carved from one workspace buffer.
+template <class Gemm>
+struct ArgBuffers {
+  UnderlyingProblemShape* problem_sizes;
+  const typename Gemm::ElementA** ptr_a;
+  const typename Gemm::ElementB** ptr_b;
+  typename Gemm::ElementD** ptr_d;
+  typename Gemm::StrideA* stride_a;
+  typename Gemm::StrideB* stride_b;
+  typename Gemm::StrideD* stride_d;
+
+  static size_t bytes(int64_t groups) {
+    const size_t g = static_cast<size_t>(groups);
+    return align_up(g * sizeof(UnderlyingProblemShape), 16) + 3 * align_up(g * sizeof(void*), 16) +
+           align_up(g * sizeof(typename Gemm::StrideA), 16) +
+           align_up(g * sizeof(typename Gemm::StrideB), 16) +
+           align_up(g * sizeof(typename Gemm::StrideD), 16);
+  }
+
+  static ArgBuffers carve(void* base, int64_t groups) {
+    const size_t g = static_cast<size_t>(groups);
+    char* p = static_cast<char*>(base);
+    auto take = [&](size_t n) {
+      char* q = p;
+      p += align_up(n, 16);
+      return q;
+    };
+    ArgBuffers buf;
+    buf.problem_sizes = reinterpret_cast<UnderlyingProblemShape*>(take(g * sizeof(UnderlyingProblemShape)));
+    buf.ptr_a = reinterpret_cast<const typename Gemm::ElementA**>(take(g * sizeof(void*)));
+    buf.ptr_b = reinterpret_cast<const typename Gemm::ElementB**>(take(g * sizeof(void*)));
+    buf.ptr_d = reinterpret_cast<typename Gemm::ElementD**>(take(g * sizeof(void*)));
+    buf.stride_a = reinterpret_cast<typename Gemm::StrideA*>(take(g * sizeof(typename Gemm::StrideA)));
+    buf.stride_b = reinterpret_cast<typename Gemm::StrideB*>(take(g * sizeof(typename Gemm::StrideB)));
+    buf.stride_d = reinterpret_cast<typename Gemm::StrideD*>(take(g * sizeof(typename Gemm::StrideD)));
+    return buf;
+  }
+};
+
+constexpr int kPrepareThreads = 256;
+constexpr int kSmemOffsets = 4096;  // offsets cached in shared memory up to this many groups
+
+// Copies offsets into shared memory when they fit; returns the pointer to read them from.
+__device__ inline const int32_t* cache_offsets(const int32_t* offsets, int64_t groups,
+                                               int32_t* smem) {
+  if (groups > kSmemOffsets) return offsets;
+  for (int64_t i = threadIdx.x; i < groups; i += blockDim.x) smem[i] = offsets[i];
+  __syncthreads();
+  return smem;
+}
+
+// Forward: block b builds the arguments of groups [b*256, b*256+256); every block then
+// zeroes its share of the rows at or after end(G-1), which no group covers.
+template <class Gemm>
+__global__ void __launch_bounds__(kPrepareThreads)
+    forward_prepare_kernel(ArgBuffers<Gemm> buf, ForwardProblem p) {
+  using ElementA = typename Gemm::ElementA;
+  using ElementB = typename Gemm::ElementB;
+  using ElementD = typename Gemm::ElementD;
+  __shared__ int32_t s_offsets[kSmemOffsets];
+  __shared__ int64_t s_tail_begin;
+  const int32_t* offsets = cache_offsets(p.offsets, p.groups, s_offsets);
+
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g < p.groups) {
+    const RowSpan span = group_span(offsets, static_cast<int>(g), p.rows);
+    const int64_t m = span.end - span.begin;
+    buf.problem_sizes[g] = UnderlyingProblemShape(static_cast<int>(m), static_cast<int>(p.n),
+                                                  static_cast<int>(p.k));
+    buf.ptr_a[g] = static_cast<const ElementA*>(p.a) + span.begin * p.lda;
+    buf.ptr_b[g] = static_cast<const ElementB*>(p.b) + g * p.b_group_stride;
+    buf.ptr_d[g] = static_cast<ElementD*>(p.out) + span.begin * p.n;
+    buf.stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
+    buf.stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldb);
+    buf.stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
+  }
+
+  if (threadIdx.x == 0) s_tail_begin = group_end(offsets, static_cast<int>(p.groups - 1), p.rows);
+  __syncthreads();
+  // out is contiguous with N % 8 == 0: 16-byte vectors cover whole rows.
+  const int64_t vec_per_row = p.n / 8;
+  const int64_t first = s_tail_begin * vec_per_row;
+  const int64_t last = p.rows * vec_per_row;
+  uint4* out = static_cast<uint4*>(p.out);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int64_t i = first + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < last;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = zero;
+  }
+}
+
+// Wgrad: db[g] = a_g^T @ dout_g. GEMM view: M = K (hidden), N = N, K = rows of g.
+// A = a_g^T is M-major (ColumnMajor), B = dout_g is N-major (RowMajor), D = db[g] RowMajor.
+// Empty groups get problem size (0,0,0) (no tiles: with K = 0 CUTLASS would store garbage
+// accumulators) and are zeroed here: grid (chunks, groups), blocks of non-empty groups exit.
+// Blocks with blockIdx.y == 0 also build the arguments of groups [x*256, x*256+256).
+template <class Gemm>
+__global__ void __launch_bounds__(kPrepareThreads)
+    wgrad_prepare_kernel(ArgBuffers<Gemm> buf, WgradProblem p) {
+  using ElementA = typename Gemm::ElementA;
+  using ElementB = typename Gemm::ElementB;
+  using ElementD = typename Gemm::ElementD;
+  __shared__ int32_t s_offsets[kSmemOffsets];
+  const int32_t* offsets = cache_offsets(p.offsets, p.groups, s_offsets);
+  const int64_t group_elems = p.k * p.n;
+
+  if (blockIdx.y == 0) {
+    const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (g < p.groups) {
+      const RowSpan span = group_span(offsets, static_cast<int>(g), p.rows);
+      const int64_t m = span.end - span.begin;
+      buf.problem_sizes[g] =
+          m > 0 ? UnderlyingProblemShape(static_cast<int>(p.k), static_cast<int>(p.n), static_cast<int>(m))
+                : UnderlyingProblemShape(0, 0, 0);
+      buf.ptr_a[g] = static_cast<const ElementA*>(p.a) + span.begin * p.lda;
+      buf.ptr_b[g] = static_cast<const ElementB*>(p.dout) + span.begin * p.ldd;
+      buf.ptr_d[g] = static_cast<ElementD*>(p.db) + g * group_elems;
+      buf.stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
+      buf.stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldd);
+      buf.stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
+    }
+  }
+
+  const int64_t vec_per_group = group_elems / 8;  // N % 8 == 0
+  uint4* db = static_cast<uint4*>(p.db);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int64_t g = blockIdx.y; g < p.groups; g += gridDim.y) {
+    const RowSpan span = group_span(offsets, static_cast<int>(g), p.rows);
+    if (span.end > span.begin) continue;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vec_per_group;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      db[g * vec_per_group + i] = zero;
+    }
+  }
+}
+
+// One-time (per device) kernel attributes: dynamic smem opt-in and the number of clusters
+// that fit at once (the persistent grid size). Returns nullptr or an error message.
+template <class Kernel>
+const char* setup_kernel(int device, int* max_active_clusters) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mutex;
+  static std::array<int, kMaxDevices> clusters{};  // 0: not set up yet
+  if (device < 0 || device >= kMaxDevices) return "anyexperts sm90 grouped GEMM: device index out of range";
+  std::lock_guard<std::mutex> lock(mutex);
+  if (clusters[device] == 0) {
+    const int smem = Kernel::SharedStorageSize;
+    const void* fn = reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>);
+    if (smem >= (48 << 10)) {
+      if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return "anyexperts sm90 grouped GEMM: cudaFuncSetAttribute(max dynamic smem) failed";
+      }
+    }
+    using ClusterShape = typename Kernel::ClusterShape;
+    const unsigned cm = cute::size<0>(ClusterShape{});
+    const unsigned cn = cute::size<1>(ClusterShape{});
+    int n = -1;  // -1: let CUTLASS size the grid from the SM count
+    if (cm * cn > 1) {
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = cm;
+      attr.val.clusterDim.y = cn;
+      attr.val.clusterDim.z = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(cm, cn, 1);
+      config.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
+      config.dynamicSmemBytes = smem;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      int active = 0;
+      if (cudaOccupancyMaxActiveClusters(&active, fn, &config) == cudaSuccess && active > 0) {
+        n = active;
+      } else {
+        (void)cudaGetLastError();
+      }
+    }
+    clusters[device] = n;
+  }
+  *max_active_clusters = clusters[device] > 0 ? clusters[device] : 0;
+  return nullptr;
+}
+
+inline const char* status_message(cutlass::Status s) {
+  switch (s) {
+    case cutlass::Status::kSuccess: return nullptr;
+    case cutlass::Status::kErrorMisalignedOperand: return "CUTLASS: misaligned operand";
+    case cutlass::Status::kErrorInvalidProblem: return "CUTLASS: invalid problem";
+    case cutlass::Status::kErrorNotSupported: return "CUTLASS: not supported";
+    case cutlass::Status::kErrorWorkspaceNull: return "CUTLASS: workspace is null";
+    case cutlass::Status::kErrorInternal: return "CUTLASS: internal error (kernel launch failed)";
+    case cutlass::Status::kErrorArchMismatch: return "CUTLASS: architecture mismatch";
+    case cutlass::Status::kErrorInsufficientDriver: return "CUTLASS: insufficient driver";
+    case cutlass::Status::kErrorMemoryAllocation: return "CUTLASS: memory allocation failed";
+    default: return "CUTLASS: error";
+  }
+}
+
+template <class Gemm>
+typename Gemm::Kernel::Arguments make_arguments(int64_t groups, const ArgBuffers<Gemm>& buf,
+                                                int device, int sm_count,
+                                                int max_active_clusters) {
+  typename Gemm::Kernel::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+  // Problem shapes live only on the device: host_problem_shapes = nullptr.
+  args.problem_shape = {static_cast<int32_t>(groups), buf.problem_sizes, nullptr};
+  args.mainloop.ptr_A = buf.ptr_a;
+  args.mainloop.dA = buf.stride_a;
+  args.mainloop.ptr_B = buf.ptr_b;
+  args.mainloop.dB = buf.stride_b;
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = nullptr;
+  args.epilogue.ptr_D = buf.ptr_d;
+  args.epilogue.dD = buf.stride_d;
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = sm_count;
+  args.hw_info.max_active_clusters = max_active_clusters;
+  return args;
+}
+
+// CUTLASS's workspace (per-SM TMA descriptors) first, then the argument arrays.
+template <class Gemm>
+size_t cutlass_workspace_bytes(int64_t groups, int sm_count) {
+  ArgBuffers<Gemm> none{};
+  auto args = make_arguments<Gemm>(groups, none, 0, sm_count, 0);
+  return align_up(Gemm::Kernel::get_workspace_size(args), 256);
+}
+
+template <class Gemm>
+size_t workspace_bytes(int64_t groups, int sm_count) {
+  return cutlass_workspace_bytes<Gemm>(groups, sm_count) + ArgBuffers<Gemm>::bytes(groups);
+}
+
+template <class Gemm>
+const char* launch_gemm(int64_t groups, const ArgBuffers<Gemm>& buf, const Launch& l) {
+  int max_active_clusters = 0;
+  if (const char* err = setup_kernel<typename Gemm::Kernel>(l.device, &max_active_clusters)) return err;
+  auto args = make_arguments<Gemm>(groups, buf, l.device, l.sm_count, max_active_clusters);
+  if (!Gemm::Kernel::can_implement(args)) return "CUTLASS: grouped GEMM arguments not implementable";
+  cutlass::Status status = Gemm::Kernel::initialize_workspace(args, l.workspace, l.stream);
+  if (status != cutlass::Status::kSuccess) return status_message(status);
+  auto params = Gemm::Kernel::to_underlying_arguments(args, l.workspace);
+  status = Gemm::Adapter::run(params, l.stream);
+  if (status != cutlass::Status::kSuccess) return status_message(status);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+inline unsigned prepare_blocks_for_groups(int64_t groups) {
+  return static_cast<unsigned>((groups + kPrepareThreads - 1) / kPrepareThreads);
+}
+
+template <class Gemm>
+const char* run_forward(const ForwardProblem& p, const Launch& l) {
+  auto buf = ArgBuffers<Gemm>::carve(
+      static_cast<char*>(l.workspace) + cutlass_workspace_bytes<Gemm>(p.groups, l.sm_count), p.groups);
+  // Enough blocks for the argument arrays and to zero a tail as large as `out` at full
+  // bandwidth; blocks with no tail to zero exit at once.
+  const int64_t vecs = p.rows * (p.n / 8);
+  const int64_t zero_blocks = (vecs + kPrepareThreads * 4 - 1) / (kPrepareThreads * 4);
+  int64_t blocks = zero_blocks < 4 * l.sm_count ? zero_blocks : 4 * l.sm_count;
+  if (blocks < prepare_blocks_for_groups(p.groups)) blocks = prepare_blocks_for_groups(p.groups);
+  forward_prepare_kernel<Gemm><<<static_cast<unsigned>(blocks), kPrepareThreads, 0, l.stream>>>(buf, p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  return launch_gemm<Gemm>(p.groups, buf, l);
+}
+
+template <class Gemm>
+const char* run_wgrad(const WgradProblem& p, const Launch& l) {
+  auto buf = ArgBuffers<Gemm>::carve(
+      static_cast<char*>(l.workspace) + cutlass_workspace_bytes<Gemm>(p.groups, l.sm_count), p.groups);
+  const int64_t vecs = p.k * p.n / 8;
+  int64_t chunks = (vecs + kPrepareThreads * 8 - 1) / (kPrepareThreads * 8);
+  if (chunks > 16) chunks = 16;
+  if (chunks < prepare_blocks_for_groups(p.groups)) chunks = prepare_blocks_for_groups(p.groups);
+  const int64_t ys = p.groups < 65535 ? p.groups : 65535;
+  wgrad_prepare_kernel<Gemm><<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(ys), 1),
+                               kPrepareThreads, 0, l.stream>>>(buf, p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  return launch_gemm<Gemm>(p.groups, buf, l);
+}
+
+}  // namespace anyexperts::sm90::detail
+
+// Defines `ForwardKernel fn()` for a GroupedGemm type.
+#define AE_SM90_FORWARD_KERNEL(fn, GemmType)                                            \
+  ForwardKernel fn() {                                                                 \
+    return {#fn, &detail::workspace_bytes<GemmType>, &detail::run_forward<GemmType>}; \
+  }
+
+#define AE_SM90_WGRAD_KERNEL(fn, GemmType)                                            \
+  WgradKernel fn() {                                                                 \
+    return {#fn, &detail::workspace_bytes<GemmType>, &detail::run_wgrad<GemmType>}; \
+  }

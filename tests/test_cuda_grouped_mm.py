@@ -1,0 +1,448 @@
+"""grouped_mm and grouped_mm_wgrad on CUDA vs the fp64 reference (DESIGN.md section 3).
+
+Covers both CUDA paths of csrc/cuda/grouped_mm.cu: the CUTLASS SM90 grouped GEMM (bf16/fp16
+with K, N multiples of 8 on a compute capability 9.0 GPU) and the SIMT fallback (fp32,
+fp64, odd K or N, any other GPU). Skips cleanly without a GPU or without the CUDA kernels.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anyexperts_ops
+from anyexperts_ops import reference as ref
+from conftest import assert_rel_norm, random_offsets, rel_norm
+
+
+def _has_cuda_kernels() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("anyexperts::grouped_mm", "CUDA")
+    except Exception:  # noqa: BLE001  (private API moved: let the tests run and tell)
+        return True
+
+
+pytestmark = pytest.mark.skipif(not _has_cuda_kernels(),
+                                reason="needs a CUDA GPU and the CUDA build of anyexperts_ops")
+
+ops = torch.ops.anyexperts
+DEV = "cuda"
+LOW = (torch.bfloat16, torch.float16)
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def is_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def i32(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEV)
+
+
+def offsets_on_device(G: int, R: int, **kw) -> torch.Tensor:
+    return random_offsets(G, R, **kw).to(DEV)
+
+
+def make(R, K, N, G, dtype, transposed_b=False, scale=1.0):
+    a = (torch.randn(R, K, device=DEV) * scale).to(dtype)
+    if transposed_b:   # nn.Linear layout: [G,N,K] storage, used as its [G,K,N] transpose
+        b = (torch.randn(G, N, K, device=DEV) * scale).to(dtype).transpose(1, 2)
+    else:
+        b = (torch.randn(G, K, N, device=DEV) * scale).to(dtype)
+    return a, b
+
+
+def ref64(a, b, offsets):
+    return ref.grouped_mm(a.double(), b.double(), offsets)
+
+
+def ref64_wgrad(a, dout, offsets):
+    return ref.grouped_mm_wgrad(a.double(), dout.double(), offsets)
+
+
+def check(out, expect64, dtype, what):
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype}"
+    assert_rel_norm(out, expect64, what, tol=TOL[dtype])
+
+
+def poison_cuda(*shapes, dtype):
+    """Frees NaN-filled blocks, so a kernel that leaves output memory unwritten likely
+    returns NaNs from the caching allocator."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype, device=DEV) for s in shapes]
+    del blocks
+
+
+def tail_of(offsets, R) -> int:
+    return ref.group_spans(offsets, R)[-1][1] if offsets.numel() else 0
+
+
+# ---- forward vs the fp64 reference -------------------------------------------------------
+
+# (R, K, N, G): K, N multiples of 8 take the SM90 path for bf16/fp16 on H100/H200; the
+# pingpong kernel runs when R/G <= 128, the cooperative one otherwise.
+SHAPES = [
+    (1, 8, 8, 1),             # pingpong
+    (37, 16, 24, 3),          # pingpong
+    (600, 64, 256, 4),        # cooperative, tile-sized N
+    (1034, 72, 264, 5),       # cooperative, K and N past a tile edge
+    (1000, 128, 96, 16),      # pingpong (m_avg 62)
+    (4096, 256, 512, 8),      # cooperative, several tiles per group
+    (8192, 128, 128, 256),    # pingpong, G = 256
+    (40000, 64, 64, 256),     # cooperative, G = 256
+]
+
+
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("dtype", [*LOW, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "R{}_K{}_N{}_G{}".format(*s))
+def test_forward_matches_reference(shape, dtype, transposed_b):
+    R, K, N, G = shape
+    a, b = make(R, K, N, G, dtype, transposed_b)
+    offsets = offsets_on_device(G, R)
+    poison_cuda((R, N), dtype=dtype)
+    out = ops.grouped_mm(a, b, offsets)
+    assert out.shape == (R, N) and out.device.type == "cuda"
+    check(out, ref64(a, b, offsets), dtype, f"grouped_mm {shape} {dtype}")
+    assert (out[tail_of(offsets, R):] == 0).all(), "rows past the last offset must be zero"
+
+
+@pytest.mark.parametrize("dtype", [*LOW, torch.float32, torch.float64], ids=str)
+def test_fallback_odd_sizes(dtype):
+    # K, N not multiples of 8: TMA cannot take them, every dtype runs the SIMT kernel.
+    R, K, N, G = 203, 20, 36, 6
+    for transposed_b in (False, True):
+        a, b = make(R, K, N, G, dtype, transposed_b)
+        offsets = offsets_on_device(G, R)
+        out = ops.grouped_mm(a, b, offsets)
+        check(out, ref64(a, b, offsets), dtype, f"fallback {dtype} bT={transposed_b}")
+        assert (out[tail_of(offsets, R):] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_group_patterns(dtype):
+    R, K, N, G = 640, 64, 128, 8
+    a, b = make(R, K, N, G, dtype)
+    patterns = {
+        "all empty": [0] * G,
+        "all rows in one group": [0, 0, 0, R, R, R, R, R],
+        "all rows in the last group": [0] * (G - 1) + [R],
+        "all rows in the first group": [R] * G,
+        "single rows": list(range(1, G + 1)),
+        "tail only after group 0": [5] + [5] * (G - 1),
+        "non-monotone": [100, 50, 300, 200, 640, 10, 600, 640],
+        "negative and beyond": [-5, 40, -1, 700, 2**31 - 1, -2**31, 3, 900],
+    }
+    for name, values in patterns.items():
+        offsets = i32(values)
+        out = ops.grouped_mm(a, b, offsets)
+        expect = ref64(a, b, offsets)
+        assert rel_norm(out, expect) < TOL[dtype] or float(expect.abs().max()) == 0, name
+        assert (out[tail_of(offsets, R):] == 0).all(), name
+        if float(expect.abs().max()) == 0:
+            assert (out == 0).all(), name
+
+
+def test_single_group():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a, b = make(777, 128, 192, 1, dtype)
+        for end in (777, 500, 0):
+            offsets = i32([end])
+            out = ops.grouped_mm(a, b, offsets)
+            if end:
+                check(out, ref64(a, b, offsets), dtype, f"G=1 end={end}")
+            assert (out[end:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_poisoned_rows_outside_groups(dtype):
+    # Rows of a that belong to no group hold NaN / huge values: no kernel may read them
+    # into a product (TMA bounds each group's rows; the fallback masks them).
+    R, K, N, G = 1024, 64, 128, 6
+    a, b = make(R, K, N, G, dtype)
+    offsets = i32([100, 100, 300, 301, 600, 700])
+    a[700:800] = float("nan")
+    a[800:] = 1e30
+    expect = ref64(a, b, offsets)
+    poison_cuda((R, N), dtype=dtype)
+    out = ops.grouped_mm(a, b, offsets)
+    assert (out[700:] == 0).all(), "tail rows must be exactly zero"
+    assert torch.isfinite(out).all()
+    check(out[:700], expect[:700], dtype, "rows of the groups")
+
+
+def test_large_groups_and_rows_past_end():
+    # Mixtral-like proportions, shrunk: few experts with many rows, skewed loads.
+    R, K, N, G = 6000, 512, 1024, 8
+    a, b = make(R, K, N, G, torch.bfloat16, transposed_b=True)
+    sizes = torch.tensor([2500, 1200, 800, 0, 600, 300, 100, 20])
+    offsets = torch.cumsum(sizes, 0).to(torch.int32).to(DEV)
+    out = ops.grouped_mm(a, b, offsets)
+    check(out, ref64(a, b, offsets), torch.bfloat16, "skewed groups")
+    assert (out[int(sizes.sum()):] == 0).all()
+
+
+# ---- layouts and strides ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_strided_operands(dtype):
+    R, K, N, G = 333, 64, 80, 5
+    offsets = offsets_on_device(G, R)
+    base_a = torch.randn(R, 2 * K, device=DEV).to(dtype)
+    cases = {
+        "a with padded rows": (base_a[:, :K], torch.randn(G, K, N, device=DEV).to(dtype)),
+        "a column-major": (torch.randn(K, R, device=DEV).to(dtype).t(),
+                           torch.randn(G, K, N, device=DEV).to(dtype)),
+        "b strided columns": (torch.randn(R, K, device=DEV).to(dtype),
+                              torch.randn(G, K, 2 * N, device=DEV).to(dtype)[:, :, ::2]),
+        "b with padded rows": (torch.randn(R, K, device=DEV).to(dtype),
+                               torch.randn(G, K, N + 8, device=DEV).to(dtype)[:, :, :N]),
+        "b groups permuted": (torch.randn(R, K, device=DEV).to(dtype),
+                              torch.randn(K, G, N, device=DEV).to(dtype).transpose(0, 1)),
+        "b broadcast over groups": (torch.randn(R, K, device=DEV).to(dtype),
+                                    torch.randn(1, K, N, device=DEV).to(dtype).expand(G, K, N)),
+    }
+    for name, (a, b) in cases.items():
+        out = ops.grouped_mm(a, b, offsets)
+        check(out, ref64(a, b, offsets), dtype, name)
+
+
+def test_misaligned_pointers():
+    # Storage offsets that break 16-byte alignment: copied for TMA (SM90) or read as is
+    # (fallback); either way the result is right.
+    R, K, N, G = 130, 32, 48, 3
+    offsets = offsets_on_device(G, R)
+    flat_a = torch.randn(R * K + 1, device=DEV).to(torch.bfloat16)
+    a = flat_a[1:].view(R, K)
+    flat_b = torch.randn(G * K * N + 3, device=DEV).to(torch.bfloat16)
+    b = flat_b[3:].view(G, K, N)
+    assert a.data_ptr() % 16 != 0 and b.data_ptr() % 16 != 0
+    out = ops.grouped_mm(a, b, offsets)
+    check(out, ref64(a, b, offsets), torch.bfloat16, "misaligned a and b")
+    db = ops.grouped_mm_wgrad(a, out, offsets)
+    check(db, ref64_wgrad(a, out, offsets), torch.bfloat16, "misaligned wgrad")
+
+
+def test_offsets_non_contiguous():
+    R, K, N, G = 200, 16, 16, 4
+    a, b = make(R, K, N, G, torch.bfloat16)
+    off = torch.stack([i32([30, 90, 90, 150]), i32([0, 0, 0, 0])], 1).reshape(-1)[::2]
+    assert not off.is_contiguous()
+    out = ops.grouped_mm(a, b, off)
+    check(out, ref64(a, b, off.contiguous()), torch.bfloat16, "strided offsets")
+
+
+def test_empty_shapes():
+    a, b = make(0, 16, 8, 2, torch.bfloat16)
+    assert ops.grouped_mm(a, b, i32([0, 0])).shape == (0, 8)
+    a, b = make(9, 16, 8, 0, torch.bfloat16)
+    out = ops.grouped_mm(a, b, torch.zeros(0, dtype=torch.int32, device=DEV))
+    assert out.shape == (9, 8) and (out == 0).all()
+    a, b = make(9, 0, 8, 2, torch.bfloat16)
+    out = ops.grouped_mm(a, b, i32([4, 9]))
+    assert out.shape == (9, 8) and (out == 0).all()
+    db = ops.grouped_mm_wgrad(torch.zeros(0, 8, device=DEV, dtype=torch.bfloat16),
+                              torch.zeros(0, 16, device=DEV, dtype=torch.bfloat16), i32([0, 0]))
+    assert db.shape == (2, 8, 16) and (db == 0).all()
+    db = ops.grouped_mm_wgrad(torch.randn(5, 8, device=DEV), torch.randn(5, 16, device=DEV),
+                              torch.zeros(0, dtype=torch.int32, device=DEV))
+    assert db.shape == (0, 8, 16)
+
+
+# ---- input validation ---------------------------------------------------------------------
+
+def test_rejects_bad_inputs():
+    a, b = make(64, 32, 16, 2, torch.bfloat16)
+    off = i32([10, 64])
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.grouped_mm(a, b.half(), off)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.grouped_mm(a, b, off.long())
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.grouped_mm(a, b, off.cpu())
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.grouped_mm(a, b.cpu(), off)
+    with pytest.raises(RuntimeError, match="agree on K"):
+        ops.grouped_mm(a[:, :24], b, off)
+    with pytest.raises(RuntimeError, match="one entry per group"):
+        ops.grouped_mm(a, b, i32([10, 20, 64]))
+    with pytest.raises(RuntimeError, match="3-D"):
+        ops.grouped_mm(a, b[0], off)
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        ops.grouped_mm(a.to(torch.int32), b.to(torch.int32), off)
+    dout = torch.randn(64, 16, device=DEV).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.grouped_mm_wgrad(a, dout.float(), off)
+    with pytest.raises(RuntimeError, match="same rows"):
+        ops.grouped_mm_wgrad(a, dout[:63], off)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.grouped_mm_wgrad(a, dout, off.to(torch.int16))
+
+
+# ---- grouped_mm_wgrad ---------------------------------------------------------------------
+
+WGRAD_SHAPES = [
+    (1, 8, 8, 1),
+    (250, 64, 256, 5),
+    (517, 72, 264, 6),
+    (3000, 256, 128, 12),
+    (8192, 64, 64, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", [*LOW, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", WGRAD_SHAPES, ids=lambda s: "R{}_K{}_N{}_G{}".format(*s))
+def test_wgrad_matches_reference(shape, dtype):
+    R, K, N, G = shape
+    a = torch.randn(R, K, device=DEV).to(dtype)
+    dout = torch.randn(R, N, device=DEV).to(dtype)
+    offsets = offsets_on_device(G, R)
+    tail = tail_of(offsets, R)
+    a[tail:] = float("nan")      # rows in no group must not be read
+    dout[tail:] = float("nan")
+    poison_cuda((G, K, N), dtype=dtype)
+    db = ops.grouped_mm_wgrad(a, dout, offsets)
+    assert db.shape == (G, K, N) and db.dtype == dtype
+    expect = ref64_wgrad(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(dout, nan=0.0), offsets)
+    check(db, expect, dtype, f"wgrad {shape} {dtype}")
+    for g, (s, e) in enumerate(ref.group_spans(offsets, R)):
+        if e == s:
+            assert (db[g] == 0).all(), f"empty group {g} must be exactly zero"
+
+
+def test_wgrad_fallback_odd_sizes_and_fp64():
+    R, K, N, G = 150, 12, 20, 5
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        a = torch.randn(R, K, device=DEV).to(dtype)
+        dout = torch.randn(R, N, device=DEV).to(dtype)
+        offsets = offsets_on_device(G, R)
+        db = ops.grouped_mm_wgrad(a, dout, offsets)
+        check(db, ref64_wgrad(a, dout, offsets), dtype, f"wgrad fallback {dtype}")
+
+
+def test_wgrad_strided_inputs():
+    R, K, N, G = 300, 64, 96, 4
+    offsets = offsets_on_device(G, R)
+    a = torch.randn(K, R, device=DEV).to(torch.bfloat16).t()           # column-major
+    dout = torch.randn(R, 2 * N, device=DEV).to(torch.bfloat16)[:, :N]  # padded rows
+    db = ops.grouped_mm_wgrad(a, dout, offsets)
+    check(db, ref64_wgrad(a, dout, offsets), torch.bfloat16, "strided wgrad")
+
+
+# ---- autograd -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R", [300, 1400])   # pingpong and cooperative forward/dgrad
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_autograd_matches_reference(dtype, transposed_b, R):
+    K, N, G = 64, 96, 6
+    offsets = offsets_on_device(G, R)
+    a0 = torch.randn(R, K, device=DEV).to(dtype)
+    store0 = (torch.randn(G, N, K, device=DEV) if transposed_b
+              else torch.randn(G, K, N, device=DEV)).to(dtype)
+    grad = torch.randn(R, N, device=DEV).to(dtype)
+    results = []
+    for fn, cast in ((anyexperts_ops.grouped_mm, lambda t: t),
+                     (ref.grouped_mm, lambda t: t.double())):
+        a = cast(a0).clone().requires_grad_()
+        store = cast(store0).clone().requires_grad_()
+        b = store.transpose(1, 2) if transposed_b else store
+        out = fn(a, b, offsets)
+        out.backward(cast(grad))
+        results.append((out, a.grad, store.grad))
+    (out, da, dstore), (out64, da64, dstore64) = results
+    check(out, out64, dtype, "out")
+    check(da, da64, dtype, "grad a")
+    check(dstore, dstore64, dtype, "grad b")
+    tail = tail_of(offsets, R)
+    assert (da[tail:] == 0).all(), "rows after the last group get zero grad"
+    for g, (s, e) in enumerate(ref.group_spans(offsets, R)):
+        if e == s:
+            assert (dstore[g] == 0).all(), f"empty group {g}: zero weight grad"
+
+
+def test_gradcheck_fp64_cuda():
+    R, K, N, G = 11, 3, 4, 3
+    offsets = i32([3, 3, 8])
+    a = torch.randn(R, K, dtype=torch.float64, device=DEV, requires_grad=True)
+    b = torch.randn(G, N, K, dtype=torch.float64, device=DEV, requires_grad=True)
+    fn = lambda a, b: anyexperts_ops.grouped_mm(a, b.transpose(1, 2), offsets)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b), eps=1e-6, atol=1e-8)
+
+
+# ---- opcheck --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_opcheck(dtype):
+    R, K, N, G = 96, 32, 48, 4
+    a, b = make(R, K, N, G, dtype, transposed_b=True)
+    offsets = i32([20, 20, 60, 90])
+    a.requires_grad_()
+    torch.library.opcheck(ops.grouped_mm.default, (a, b, offsets))
+    dout = torch.randn(R, N, device=DEV).to(dtype)
+    torch.library.opcheck(ops.grouped_mm_wgrad.default, (a.detach(), dout, offsets))
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("G", [8, 32])   # cooperative and pingpong (bf16 on SM90)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_graph_capture(dtype, G):
+    # The kernels read offsets on the device only: capture once, then change offsets and
+    # inputs in place and replay; the replay must follow the new values.
+    R, K, N = 1536, 64, 128
+    a, b = make(R, K, N, G, dtype, transposed_b=True)
+    dout = torch.randn(R, N, device=DEV).to(dtype)
+    offsets = offsets_on_device(G, R)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):   # warm-up outside capture (one-time kernel setup)
+        for _ in range(2):
+            ops.grouped_mm(a, b, offsets)
+            ops.grouped_mm_wgrad(a, dout, offsets)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.grouped_mm(a, b, offsets)
+        db = ops.grouped_mm_wgrad(a, dout, offsets)
+    for trial in range(3):
+        offsets.copy_(offsets_on_device(G, R, tail=trial != 1))
+        a.copy_(torch.randn(R, K, device=DEV).to(dtype))
+        dout.copy_(torch.randn(R, N, device=DEV).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, ref64(a, b, offsets), dtype, f"graph replay {trial}")
+        assert (out[tail_of(offsets, R):] == 0).all()
+        check(db, ref64_wgrad(a, dout, offsets), dtype, f"graph replay wgrad {trial}")
+
+
+# ---- determinism ------------------------------------------------------------------------------
+
+def test_deterministic():
+    R, K, N, G = 2048, 128, 256, 8
+    a, b = make(R, K, N, G, torch.bfloat16)
+    offsets = offsets_on_device(G, R)
+    out1 = ops.grouped_mm(a, b, offsets)
+    out2 = ops.grouped_mm(a, b, offsets)
+    assert torch.equal(out1, out2)
+    w1 = ops.grouped_mm_wgrad(a, out1, offsets)
+    w2 = ops.grouped_mm_wgrad(a, out1, offsets)
+    assert torch.equal(w1, w2)
+
+
+@pytest.mark.skipif(not is_sm90(), reason="SM90 path: needs compute capability 9.0")
+def test_sm90_matches_fallback():
+    # The same bf16 problem through the CUTLASS kernel (K, N multiples of 8) and through
+    # the SIMT fallback (one column and row of zero padding removed again): both must agree
+    # with each other about as well as each agrees with the fp64 reference.
+    R, K, N, G = 2000, 64, 128, 10
+    a, b = make(R, K, N, G, torch.bfloat16)
+    offsets = offsets_on_device(G, R)
+    fast = ops.grouped_mm(a, b, offsets)
+    a_odd = torch.cat([a, torch.zeros(R, 1, device=DEV, dtype=a.dtype)], 1)
+    b_odd = torch.cat([b, torch.zeros(G, 1, N, device=DEV, dtype=b.dtype)], 1)
+    slow = ops.grouped_mm(a_odd, b_odd, offsets)   # K = 65: fallback
+    expect = ref64(a, b, offsets)
+    check(fast, expect, torch.bfloat16, "sm90")
+    check(slow, expect, torch.bfloat16, "fallback")
+    assert rel_norm(fast, slow.double()) < 1e-2
