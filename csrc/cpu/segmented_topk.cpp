@@ -96,7 +96,7 @@ at::Tensor segmented_topk_backward_cpu(const at::Tensor& grad_weights_in,
                                        const at::Tensor& logits_in, const at::Tensor& ids_in,
                                        int64_t num_real, c10::string_view norm_name) {
   check_segmented_topk_backward(grad_weights_in, logits_in, ids_in, num_real);
-  const Norm norm = parse_norm(norm_name);
+  const Norm norm = parse_norm(norm_name, "segmented_topk_backward");
   const auto logits = logits_in.contiguous();
   const auto ids = ids_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1), K = ids.size(1);

@@ -17,6 +17,15 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _connected(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """out + 0 drawn from empty slices of the inputs: the same values, but autograd links out
+    to every input even when no element was used (T = 0, all slots masked), so backward
+    yields zero gradients as the kernels do."""
+    for t in inputs:
+        out = out + t.flatten()[:0].sum().to(out.dtype)
+    return out
+
+
 def padded_count(count: int, align: int) -> int:
     return (count + align - 1) // align * align
 
@@ -72,7 +81,7 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
         w = w + [zero] * (k_max - len(chosen))
         rows.append(torch.stack(w) if w else p.new_zeros(0))
     weights = torch.stack(rows) if rows else p.new_zeros((0, k_max))
-    return ids.to(logits.device), weights
+    return ids.to(logits.device), _connected(weights, logits)
 
 
 def permute(x: torch.Tensor, ids: torch.Tensor, num_real: int, align: int):
@@ -97,11 +106,9 @@ def permute(x: torch.Tensor, ids: torch.Tensor, num_real: int, align: int):
             gather.append((start + i, t))
         start += padded_count(len(members[e]), align)
         offsets[e] = start
-    x_perm = x.new_zeros((R, H))
-    if gather:
-        rows = torch.tensor([r for r, _ in gather], device=x.device)
-        toks = torch.tensor([t for _, t in gather], device=x.device)
-        x_perm = x_perm.index_copy(0, rows, x[toks])
+    rows = torch.tensor([r for r, _ in gather], dtype=torch.long, device=x.device)
+    toks = torch.tensor([t for _, t in gather], dtype=torch.long, device=x.device)
+    x_perm = _connected(x.new_zeros((R, H)).index_copy(0, rows, x[toks]), x)
     return x_perm, offsets.to(x.device), slot_rows.to(x.device)
 
 
@@ -123,7 +130,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
         if e > s:
             out = out.index_copy(0, torch.arange(s, e, device=a.device),
                                  a[s:e].to(acc) @ b[g].to(acc))
-    return out.to(a.dtype)
+    return _connected(out, a, b).to(a.dtype)
 
 
 def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -133,9 +140,8 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor)
     parts = []
     for s, e in group_spans(offsets, a.shape[0]):
         parts.append(a[s:e].to(acc).T @ dout[s:e].to(acc))
-    if not parts:
-        return a.new_zeros((0, a.shape[1], dout.shape[1]))
-    return torch.stack(parts).to(a.dtype).reshape(G, a.shape[1], dout.shape[1])
+    db = torch.stack(parts) if parts else a.new_zeros((0, a.shape[1], dout.shape[1]), dtype=acc)
+    return _connected(db, a, dout).to(a.dtype)
 
 
 def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -154,4 +160,4 @@ def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor) -
             continue
         term = weights[:, j].to(acc).unsqueeze(1) * y[r.clamp(0, R - 1)].to(acc)
         out = out + torch.where(live, term, torch.zeros_like(term))
-    return out.to(y.dtype)
+    return _connected(out, y, weights).to(y.dtype)

@@ -46,11 +46,11 @@ inline void check_weights_dtype(const at::Tensor& w, at::ScalarType data, const 
               w.scalar_type());
 }
 
-inline Norm parse_norm(std::string_view norm) {
+inline Norm parse_norm(std::string_view norm, const char* op = "segmented_topk") {
   if (norm == "none") return Norm::kNone;
   if (norm == "selected") return Norm::kSelected;
   if (norm == "real") return Norm::kReal;
-  TORCH_CHECK(false, "segmented_topk: norm must be 'none', 'selected' or 'real', got '", norm,
+  TORCH_CHECK(false, op, ": norm must be 'none', 'selected' or 'real', got '", norm,
               "'");
 }
 
@@ -137,8 +137,7 @@ inline void check_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& dout,
 }
 
 inline void check_unpermute(const at::Tensor& y, const at::Tensor& slot_rows,
-                            const at::Tensor& weights) {
-  constexpr const char* op = "unpermute";
+                            const at::Tensor& weights, const char* op = "unpermute") {
   check_float(y, op, "y", 2);
   check_int32(slot_rows, op, "slot_rows", 2);
   TORCH_CHECK(weights.dim() == 2 && weights.sizes() == slot_rows.sizes(), op,
@@ -151,8 +150,8 @@ inline void check_unpermute(const at::Tensor& y, const at::Tensor& slot_rows,
 
 inline void check_unpermute_backward(const at::Tensor& grad_out, const at::Tensor& y,
                                      const at::Tensor& slot_rows, const at::Tensor& weights) {
-  check_unpermute(y, slot_rows, weights);
   constexpr const char* op = "unpermute_backward";
+  check_unpermute(y, slot_rows, weights, op);
   check_float(grad_out, op, "grad_out", 2);
   TORCH_CHECK(grad_out.size(0) == slot_rows.size(0) && grad_out.size(1) == y.size(1), op,
               ": grad_out must be [T, H] = [", slot_rows.size(0), ", ", y.size(1), "], got ",
