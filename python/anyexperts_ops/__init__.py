@@ -10,3 +10,11 @@ from .ops import grouped_mm, grouped_mm_wgrad, permute, segmented_topk, unpermut
 __all__ = ["segmented_topk", "permute", "grouped_mm", "grouped_mm_wgrad", "unpermute",
            "reference"]
 __version__ = "0.1.0"
+
+# The AnyExperts MoE layer, its presets and routing statistics (issue 5).
+from . import presets, stats  # noqa: E402
+from .layer import AnyExpertsConfig, AnyExpertsMoE  # noqa: E402
+from .stats import MoEAux, RoutingRecord, RoutingStats, StatsMeter  # noqa: E402
+
+__all__ += ["AnyExpertsConfig", "AnyExpertsMoE", "MoEAux", "RoutingRecord", "RoutingStats",
+            "StatsMeter", "presets", "stats"]

@@ -1,0 +1,490 @@
+"""The AnyExperts MoE layer (DESIGN.md sections 1-2) on the anyexperts ops.
+
+Data flow for T tokens (hidden H, FFN width F, N real + M virtual experts)::
+
+    x -> importance predictor -> s, w = sigmoid(s)        (w: token importance)
+    x' = x + alpha * w * x                                  (HSM)
+    logits = router(x'); logits[:, N:] += iar * (1 - 2w)    (IAR)
+    K_i = clamp(round(K_min + sigmoid(s + b) * (K_max - K_min)))   (b: budget bias buffer)
+    V_i = (rho_num * K_i) // rho_den                        (integer-exact virtual cap)
+    ids, weights = segmented_topk(logits, K, V, K_max, N, norm)
+    x_perm, offsets, slot_rows = permute(x', ids, N, align)
+    y = grouped_mm(silu(g) * u, W_down^T), [g|u] = grouped_mm(x_perm, W_gate_up^T)
+    out = unpermute(y, slot_rows, weights) + virtual terms (zero / copy / const)
+
+Shapes are static throughout (no host synchronisation in forward), so the layer runs
+under CUDA graphs and ``torch.compile(fullgraph=True)`` when on the ``"ops"`` backend.
+The ``"reference"`` backend runs the very same layer on the pure-PyTorch reference
+(slow; parity tests only).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference as _reference
+from .stats import (MoEAux, RoutingRecord, load_balance_loss, router_z_loss, routing_stats,
+                    slot_counts)
+
+__all__ = ["AnyExpertsConfig", "AnyExpertsMoE", "ImportancePredictor", "VIRTUAL_KINDS",
+           "SLOT_MODES", "IMPORTANCE_KINDS", "BACKENDS"]
+
+VIRTUAL_KINDS = ("zero", "copy", "const")
+SLOT_MODES = ("importance", "static", "top_p")
+IMPORTANCE_KINDS = ("mlp", "wide", "deep")
+BACKENDS = ("ops", "reference")
+NORMS = ("none", "selected", "real")
+
+
+def _to_fraction(x) -> Fraction:
+    """rho_max as an exact fraction: Fraction, (num, den), "1/5", int, or a float read
+    through its shortest decimal repr (0.2 -> 1/5, never 0.2000000000000000111...)."""
+    if isinstance(x, Fraction):
+        return x
+    if isinstance(x, (tuple, list)):
+        return Fraction(int(x[0]), int(x[1]))
+    if isinstance(x, float):
+        return Fraction(repr(x))
+    return Fraction(x)
+
+
+@dataclass
+class AnyExpertsConfig:
+    """Configuration of :class:`AnyExpertsMoE`. See ``presets`` for the usual systems.
+
+    Slot policy (``slot_mode``):
+      * ``"importance"`` (AnyExperts): K_i = clamp(round(K_min + w~_i (K_max - K_min))),
+        w~_i = sigmoid(s_i + b) with b the budget bias (a buffer, no gradient).
+      * ``"static"``: K_i = K_max for every token (top-K; with null experts: AdaMoE).
+      * ``"top_p"``: K_i = the fewest candidates whose probability reaches ``top_p``,
+        clamped to [K_min, K_max].
+    Virtual cap: V_i = floor(rho_max * K_i), computed as (rho_num * K_i) // rho_den.
+    """
+    hidden_size: int
+    ffn_size: int
+    num_experts: int                         # N real (SwiGLU) experts
+    num_virtual: int = 0                     # M virtual experts
+    virtual_kinds: Union[str, Sequence[str]] = "zero"  # one kind for all, or one per expert
+    k_min: int = 1
+    k_max: int = 2
+    rho_max: Union[Fraction, float, str, tuple] = Fraction(1, 5)
+    slot_mode: str = "importance"
+    top_p: float = 0.5                       # slot_mode "top_p" only
+    importance: Optional[str] = "mlp"        # "mlp" | "wide" | "deep" | None
+    importance_hidden: Optional[int] = None  # width of the predictor (default max(16, H//4))
+    hsm_alpha: float = 0.05                  # HSM: x' = x + alpha * w * x (0 disables)
+    iar_scale: float = 1.0                   # IAR: virtual logits += iar * (1 - 2w) (0 disables)
+    norm: str = "selected"                   # segmented_topk weight normalisation
+    align: int = 1                           # GEMM group row alignment (permute's align)
+    # losses (coefficients of MoEAux.loss)
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    budget_loss_coef: float = 0.0
+    # budget control (slot_mode "importance")
+    target_avg_k: Optional[float] = None     # target mean real slots per token (Avg-K)
+    controller_rate: float = 2.0             # bias step = rate * (target - Avg-K) / (K_max - K_min)
+    # statistics
+    compute_stats: bool = True
+    num_modalities: int = 0                  # >0 to get per-modality stats from `modality`
+    importance_bins: int = 10
+    backend: str = "ops"                     # "ops" (torch.ops.anyexperts) | "reference"
+
+    def __post_init__(self):
+        self.rho_max = _to_fraction(self.rho_max)
+        if isinstance(self.virtual_kinds, str):
+            self.virtual_kinds = (self.virtual_kinds,) * self.num_virtual
+        self.virtual_kinds = tuple(self.virtual_kinds)
+        self.validate()
+
+    # integers of the virtual cap
+    @property
+    def rho_num(self) -> int:
+        return self.rho_max.numerator
+
+    @property
+    def rho_den(self) -> int:
+        return self.rho_max.denominator
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"AnyExpertsConfig: {msg}")
+        need(self.hidden_size > 0 and self.ffn_size > 0, "hidden_size and ffn_size must be > 0")
+        need(self.num_experts >= 1, "num_experts must be >= 1")
+        need(self.num_virtual >= 0, "num_virtual must be >= 0")
+        need(len(self.virtual_kinds) == self.num_virtual,
+             f"virtual_kinds has {len(self.virtual_kinds)} entries for "
+             f"{self.num_virtual} virtual experts")
+        need(all(k in VIRTUAL_KINDS for k in self.virtual_kinds),
+             f"virtual kinds must be in {VIRTUAL_KINDS}, got {self.virtual_kinds}")
+        need(1 <= self.k_min <= self.k_max, "need 1 <= k_min <= k_max")
+        need(self.k_max <= self.num_experts,
+             "k_max must be <= num_experts (real candidates always fill a token's slots)")
+        need(0 <= self.rho_max <= 1, "rho_max must be in [0, 1]")
+        need(self.slot_mode in SLOT_MODES, f"slot_mode must be in {SLOT_MODES}")
+        need(self.importance is None or self.importance in IMPORTANCE_KINDS,
+             f"importance must be None or in {IMPORTANCE_KINDS}")
+        need(self.slot_mode != "importance" or self.importance is not None,
+             'slot_mode "importance" needs an importance predictor')
+        need(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        need(self.norm in NORMS, f"norm must be in {NORMS}")
+        need(self.align >= 1, "align must be >= 1")
+        need(self.backend in BACKENDS, f"backend must be in {BACKENDS}")
+        need(self.num_modalities >= 0 and self.importance_bins >= 1,
+             "num_modalities >= 0 and importance_bins >= 1")
+        if self.target_avg_k is not None:
+            need(self.slot_mode == "importance",
+                 'target_avg_k (budget control) needs slot_mode "importance"')
+            lo = self.k_min - (self.rho_num * self.k_min) // self.rho_den
+            need(lo <= self.target_avg_k <= self.k_max,
+                 f"target_avg_k must be reachable: within [{lo}, {self.k_max}]")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rho_max"] = f"{self.rho_max.numerator}/{self.rho_max.denominator}"
+        return d
+
+
+class ImportancePredictor(nn.Module):
+    """Token importance score s_i (a logit; w_i = sigmoid(s_i)).
+
+    ``mlp``: H -> d -> 1; ``wide``: H -> 4d -> 1; ``deep``: H -> d -> d -> d -> 1
+    (GELU between layers), d = ``hidden`` (default max(16, H // 4)).
+    """
+
+    def __init__(self, hidden_size: int, kind: str = "mlp", hidden: Optional[int] = None):
+        super().__init__()
+        d = hidden or max(16, hidden_size // 4)
+        if kind == "mlp":
+            dims = [hidden_size, d, 1]
+        elif kind == "wide":
+            dims = [hidden_size, 4 * d, 1]
+        elif kind == "deep":
+            dims = [hidden_size, d, d, d, 1]
+        else:
+            raise ValueError(f"unknown importance predictor {kind!r}")
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.net = nn.Sequential(*layers)
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _acc(self.net(x).squeeze(-1))
+
+
+def _acc(t: Tensor) -> Tensor:
+    """Routing math in fp32 (fp64 for an fp64 layer, so gradcheck can run)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _backend_module(name: str):
+    if name == "ops":
+        from . import ops
+        return ops
+    if name == "reference":
+        return _reference
+    raise ValueError(f"backend must be in {BACKENDS}, got {name!r}")
+
+
+class AnyExpertsMoE(nn.Module):
+    """AnyExperts Mixture-of-Experts layer; returns ``(out, aux)`` (see :class:`MoEAux`).
+
+    Parameters (nn.Linear layout, used through transposed views, never copied):
+      ``w_gate_up`` [N, 2F, H] (rows [0, F) gate, [F, 2F) up), ``w_down`` [N, H, F],
+      ``router.weight`` [N+M, H], ``const_vectors`` [#const, H], ``importance.*``.
+    Buffers: ``importance_bias`` (the budget bias b, updated by the controller and by
+    :meth:`calibrate_budget`), ``budget_target`` (target Avg-K; 0 = off),
+    ``avg_real_ema`` (running mean real slots per token, training only).
+
+    ``forward(x, modality=None)``: x [..., H]; modality (optional) int [...] with values in
+    [0, config.num_modalities) for per-modality statistics.
+    """
+
+    def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        fk = {"device": device, "dtype": dtype}
+        H, Fd, N, M = c.hidden_size, c.ffn_size, c.num_experts, c.num_virtual
+        self.importance = (ImportancePredictor(H, c.importance, c.importance_hidden).to(**fk)
+                           if c.importance is not None else None)
+        self.router = nn.Linear(H, N + M, bias=False, **fk)
+        self.w_gate_up = nn.Parameter(torch.empty(N, 2 * Fd, H, **fk))
+        self.w_down = nn.Parameter(torch.empty(N, H, Fd, **fk))
+        kinds = c.virtual_kinds
+        self._copy_cols = [m for m, k in enumerate(kinds) if k == "copy"]
+        self._const_cols = [m for m, k in enumerate(kinds) if k == "const"]
+        self.const_vectors = (nn.Parameter(torch.zeros(len(self._const_cols), H, **fk))
+                              if self._const_cols else None)
+        bdev = device
+        self.register_buffer("importance_bias", torch.zeros((), dtype=torch.float32, device=bdev))
+        self.register_buffer("budget_target", torch.tensor(
+            float(c.target_avg_k or 0.0), dtype=torch.float32, device=bdev))
+        self.register_buffer("avg_real_ema", torch.zeros((), dtype=torch.float32, device=bdev))
+        self.register_buffer("_copy_idx", torch.tensor(self._copy_cols, dtype=torch.long,
+                                                       device=bdev), persistent=False)
+        self.register_buffer("_const_idx", torch.tensor(self._const_cols, dtype=torch.long,
+                                                        device=bdev), persistent=False)
+        self.backend = c.backend
+        self.reset_parameters()
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init for every expert; const vectors start at zero."""
+        with torch.no_grad():
+            for w in (self.w_gate_up, self.w_down):
+                bound = 1.0 / math.sqrt(w.shape[-1])
+                w.uniform_(-bound, bound)
+            self.router.reset_parameters()
+            if self.const_vectors is not None:
+                self.const_vectors.zero_()
+
+    _FP32_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema")
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bf16)/.half() must not round the controller's state: keep it fp32.
+        super()._apply(fn, *args, **kwargs)
+        for name in self._FP32_BUFFERS:
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
+    @property
+    def backend(self) -> str:
+        return self._backend_name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        _backend_module(name)  # validates
+        self._backend_name = name
+
+    @property
+    def _B(self):
+        return _backend_module(self._backend_name)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"H={c.hidden_size}, F={c.ffn_size}, N={c.num_experts}, M={c.num_virtual} "
+                f"{list(c.virtual_kinds)}, K=[{c.k_min},{c.k_max}], rho_max={c.rho_max}, "
+                f"slots={c.slot_mode}, importance={c.importance}, norm={c.norm}, "
+                f"align={c.align}, backend={self.backend}")
+
+    # ---- routing -------------------------------------------------------------------------
+
+    def _slots(self, score: Optional[Tensor], logits: Tensor, bias: Tensor) -> Tensor:
+        c = self.config
+        T = logits.shape[0]
+        if c.slot_mode == "static":
+            return torch.full((T,), c.k_max, dtype=torch.int32, device=logits.device)
+        if c.slot_mode == "top_p":
+            p = torch.softmax(logits, dim=-1)
+            ps, _ = torch.sort(p, dim=-1, descending=True)
+            before = torch.cumsum(ps, dim=-1) - ps        # mass strictly before each rank
+            k = (before < c.top_p).sum(dim=-1)
+            return k.clamp(c.k_min, c.k_max).to(torch.int32)
+        wb = torch.sigmoid(score.detach() + bias)
+        k = torch.round(c.k_min + wb * (c.k_max - c.k_min))
+        return k.clamp(c.k_min, c.k_max).to(torch.int32)
+
+    def _route(self, x: Tensor, bias: Optional[Tensor] = None):
+        """(x', record, score): the routing of flattened tokens x [T, H]."""
+        c = self.config
+        N, M = c.num_experts, c.num_virtual
+        score = w = None
+        if self.importance is not None:
+            score = self.importance(x)
+            w = torch.sigmoid(score)
+        xh = x
+        if w is not None and c.hsm_alpha != 0.0:
+            xh = x + (c.hsm_alpha * w).to(x.dtype).unsqueeze(-1) * x
+        logits = _acc(self.router(xh))
+        if M > 0 and w is not None and c.iar_scale != 0.0:
+            shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)
+            logits = torch.cat([logits[:, :N], logits[:, N:] + shift], dim=-1)
+        slots = self._slots(score, logits, self.importance_bias if bias is None else bias)
+        max_virtual = torch.div(slots * c.rho_num, c.rho_den, rounding_mode="floor")
+        ids, weights = self._B.segmented_topk(logits, slots, max_virtual.to(torch.int32),
+                                              c.k_max, N, c.norm)
+        rec = RoutingRecord(ids=ids, weights=weights, slots=slots,
+                            max_virtual=max_virtual.to(torch.int32), importance=w,
+                            logits=logits)
+        return xh, rec, score
+
+    @torch.no_grad()
+    def route(self, x: Tensor) -> RoutingRecord:
+        """The routing decision alone (no experts run; no gradient)."""
+        _, rec, _ = self._route(x.reshape(-1, self.config.hidden_size))
+        return rec
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def _experts(self, xh: Tensor, ids: Tensor, weights: Tensor):
+        c = self.config
+        B = self._B
+        x_perm, offsets, slot_rows = B.permute(xh, ids, c.num_experts, c.align)
+        gu = B.grouped_mm(x_perm, self.w_gate_up.transpose(1, 2), offsets)
+        gate, up = gu.split(c.ffn_size, dim=-1)
+        h = F.silu(gate) * up
+        y = B.grouped_mm(h, self.w_down.transpose(1, 2), offsets)
+        return B.unpermute(y, slot_rows, weights), offsets
+
+    def _virtual(self, xh: Tensor, ids: Tensor, weights: Tensor) -> Optional[Tensor]:
+        """Sum of the virtual experts' terms in fp32, or None when none can be nonzero."""
+        c = self.config
+        N, M = c.num_experts, c.num_virtual
+        if M == 0 or not (self._copy_cols or self._const_cols):
+            return None  # only zero experts: they add nothing
+        T = ids.shape[0]
+        vid = ids.long() - N
+        col = torch.where(vid >= 0, vid, torch.full_like(vid, M))   # M: a dump column
+        wv = weights.new_zeros((T, M + 1)).scatter_add(1, col, weights)[:, :M]
+        extra = None
+        if self._copy_cols:
+            coef = wv.index_select(1, self._copy_idx).sum(dim=-1, keepdim=True)
+            extra = coef * xh.to(wv.dtype)
+        if self._const_cols:
+            term = wv.index_select(1, self._const_idx) @ self.const_vectors.to(wv.dtype)
+            extra = term if extra is None else extra + term
+        return extra
+
+    def forward(self, x: Tensor, modality: Optional[Tensor] = None
+                ) -> tuple[Tensor, MoEAux]:
+        c = self.config
+        N = c.num_experts
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, c.hidden_size)
+        T = x2.shape[0]
+        xh, rec, score = self._route(x2)
+        out, offsets = self._experts(xh, rec.ids, rec.weights)
+        rec.offsets = offsets
+        extra = self._virtual(xh, rec.ids, rec.weights)
+        if extra is not None:
+            out = (out.to(extra.dtype) + extra).to(x.dtype)
+
+        # losses
+        zero = x2.new_zeros((), dtype=torch.float32)
+        lb = load_balance_loss(rec.ids, rec.logits, N)
+        zl = router_z_loss(rec.logits) if c.z_loss_coef > 0 else zero
+        real, virt = slot_counts(rec.ids, N)
+        real_mean = real.sum().float() / float(max(T, 1))
+        on = (self.budget_target > 0).float()
+        if c.budget_loss_coef > 0 and score is not None and T > 0:
+            wb = torch.sigmoid(score + self.importance_bias)
+            soft_real = (c.k_min + wb * (c.k_max - c.k_min)).mean() - virt.float().mean()
+            bl = on * ((soft_real - self.budget_target) / c.k_max).square()
+        else:
+            bl = zero
+        loss = c.load_balance_coef * lb
+        if c.z_loss_coef > 0:
+            loss = loss + c.z_loss_coef * zl
+        if c.budget_loss_coef > 0:
+            loss = loss + c.budget_loss_coef * bl
+
+        # budget controller: integral control of the importance bias, no gradient, no sync
+        if self.training and c.slot_mode == "importance":
+            with torch.no_grad():
+                err = (self.budget_target - real_mean) / max(c.k_max - c.k_min, 1)
+                self.importance_bias.add_(on * c.controller_rate * err)
+                self.avg_real_ema.mul_(0.9).add_(0.1 * real_mean)
+
+        stats = None
+        if c.compute_stats:
+            if modality is not None and c.num_modalities == 0:
+                raise ValueError("modality given but config.num_modalities is 0")
+            stats = routing_stats(
+                rec, N, gemm_rows_capacity=T * c.k_max + N * (c.align - 1),
+                bins=c.importance_bins,
+                modality=None if modality is None else modality.reshape(-1),
+                num_modalities=c.num_modalities)
+        aux = MoEAux(loss=loss, load_balance_loss=lb, z_loss=zl, budget_loss=bl,
+                     stats=stats, routing=rec)
+        return out.reshape(*lead, c.hidden_size), aux
+
+    # ---- budget --------------------------------------------------------------------------
+
+    def set_budget(self, avg_real: Optional[float], x: Optional[Tensor] = None, *,
+                   tol: float = 0.01) -> Optional[float]:
+        """Sets the target Avg-K (mean real slots per token; None turns control off).
+
+        With ``x``, also calibrates the budget bias on that batch (see
+        :meth:`calibrate_budget`) and returns the Avg-K reached; otherwise the training
+        controller moves the bias toward the target step by step.
+        """
+        c = self.config
+        if avg_real is not None:
+            if c.slot_mode != "importance":
+                raise ValueError('budget control needs slot_mode "importance"')
+            lo = c.k_min - (c.rho_num * c.k_min) // c.rho_den
+            if not lo <= avg_real <= c.k_max:
+                raise ValueError(f"avg_real {avg_real} outside the reachable [{lo}, {c.k_max}]")
+        self.budget_target.fill_(float(avg_real or 0.0))
+        c.target_avg_k = avg_real
+        if x is not None and avg_real is not None:
+            return self.calibrate_budget(x, avg_real, tol=tol)
+        return None
+
+    @torch.no_grad()
+    def calibrate_budget(self, x: Tensor, avg_real: float, *, tol: float = 0.01,
+                         max_iter: int = 64) -> float:
+        """Sets the budget bias so that the mean real slots per token on ``x`` is
+        ``avg_real`` within ``tol`` (relative). Bisection: the routing logits do not
+        depend on the bias, and the real-slot count of a token never decreases when its
+        K_i grows, so the mean is monotone in the bias. Synchronises with the host (an
+        inference-time setup step, not the hot path). Returns the Avg-K reached.
+        """
+        c = self.config
+        if c.slot_mode != "importance":
+            raise ValueError('calibrate_budget needs slot_mode "importance"')
+        x2 = x.reshape(-1, c.hidden_size)
+        T = x2.shape[0]
+        if T == 0:
+            raise ValueError("calibrate_budget needs at least one token")
+        score = self.importance(x2)
+        _, rec, _ = self._route(x2)  # logits / cap rule as in forward
+        logits = rec.logits
+
+        def measure(b: float) -> float:
+            bias = torch.tensor(b, dtype=torch.float32, device=x2.device)
+            slots = self._slots(score, logits, bias)
+            cap = torch.div(slots * c.rho_num, c.rho_den, rounding_mode="floor")
+            ids, _ = self._B.segmented_topk(logits, slots, cap.to(torch.int32), c.k_max,
+                                            c.num_experts, c.norm)
+            real, _ = slot_counts(ids, c.num_experts)
+            return real.sum().item() / T
+
+        lo, hi = -40.0, 40.0
+        f_lo, f_hi = measure(lo), measure(hi)
+        best_b, best_f = (lo, f_lo) if abs(f_lo - avg_real) < abs(f_hi - avg_real) else (hi, f_hi)
+        if avg_real <= f_lo or avg_real >= f_hi:
+            warnings.warn(f"Avg-K {avg_real} is outside what this batch reaches "
+                          f"([{f_lo:.3f}, {f_hi:.3f}]); using the nearest end")
+        else:
+            for _ in range(max_iter):
+                mid = 0.5 * (lo + hi)
+                f = measure(mid)
+                if abs(f - avg_real) < abs(best_f - avg_real):
+                    best_b, best_f = mid, f
+                if abs(best_f - avg_real) <= 0.25 * tol * avg_real:
+                    break
+                if f < avg_real:
+                    lo = mid
+                else:
+                    hi = mid
+        if abs(best_f - avg_real) > tol * avg_real:
+            warnings.warn(f"calibrated Avg-K {best_f:.4f} misses {avg_real} by more than "
+                          f"{tol:.1%} (too few tokens for that resolution?)")
+        self.importance_bias.fill_(best_b)
+        return best_f

@@ -1,0 +1,208 @@
+"""Routing statistics and the auxiliary record of an AnyExperts layer.
+
+Everything here is computed with static shapes and returns tensors, so that a layer's
+forward never synchronises with the host (no ``.item()``): CUDA-graph safe and
+``torch.compile(fullgraph=True)`` friendly. Turning the tensors into Python numbers is left
+to the caller, off the hot path: :meth:`RoutingStats.to_dict`, or :class:`StatsMeter` to
+average over many steps with one synchronisation at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["RoutingRecord", "RoutingStats", "MoEAux", "StatsMeter",
+           "slot_counts", "routing_stats", "load_balance_loss", "router_z_loss"]
+
+
+@dataclass
+class RoutingRecord:
+    """The per-token routing decision of one forward (flattened tokens, T = tokens).
+
+    ids/weights are the outputs of ``segmented_topk``: ids[T, k_max] int32 (real experts
+    in [0, N), virtual experts in [N, N+M), -1 for unused slots), weights[T, k_max] fp32.
+    """
+    ids: Tensor             # [T, k_max] int32
+    weights: Tensor         # [T, k_max] fp32
+    slots: Tensor           # [T] int32: K_i, total slots asked for
+    max_virtual: Tensor     # [T] int32: V_i, the virtual cap
+    importance: Optional[Tensor]  # [T] fp32 in (0,1): w_i (None without a predictor)
+    logits: Tensor          # [T, N+M] fp32 router logits (after IAR)
+    offsets: Optional[Tensor] = None  # [N] int32 end offsets of the GEMM groups
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of one forward; all tensors (0-dim unless noted), no host sync."""
+    real_per_token: Tensor      # mean real slots per token (the paper's Avg-K)
+    virtual_per_token: Tensor   # mean virtual slots per token
+    slots_per_token: Tensor     # mean slots asked per token (mean K_i)
+    virtual_share: Tensor       # virtual / (real + virtual) over all taken slots
+    expert_load: Tensor         # [N] fraction of real slots per real expert (sums to 1)
+    load_imbalance: Tensor      # max expert load / mean expert load (1 = perfectly even)
+    importance_mean: Tensor     # mean w_i (0 without a predictor)
+    importance_hist: Tensor     # [bins] fraction of tokens per w bin over [0, 1]
+    real_slots: Tensor          # int64: total real slots (= live GEMM rows before padding)
+    gemm_rows: Tensor           # int64: rows the GEMMs compute (real slots + align padding)
+    gemm_rows_capacity: int     # the static row count R = T*k_max + N*(align-1)
+    modality_tokens: Optional[Tensor] = None   # [num_modalities] token counts
+    modality_real: Optional[Tensor] = None     # [num_modalities] mean real slots per token
+    modality_virtual: Optional[Tensor] = None  # [num_modalities] mean virtual slots per token
+
+    def to_dict(self) -> dict:
+        """Python numbers and lists (synchronises with the device: not for the hot path)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = v.detach().cpu()
+                v = v.item() if v.dim() == 0 else v.tolist()
+            out[f.name] = v
+        return out
+
+
+@dataclass
+class MoEAux:
+    """Second output of :class:`AnyExpertsMoE.forward`.
+
+    ``loss`` is the weighted sum of the auxiliary losses, ready to add to the task loss;
+    the unweighted terms are kept for logging. ``stats`` is None when the layer's config
+    sets ``compute_stats=False``.
+    """
+    loss: Tensor
+    load_balance_loss: Tensor
+    z_loss: Tensor
+    budget_loss: Tensor
+    stats: Optional[RoutingStats]
+    routing: RoutingRecord
+
+
+def slot_counts(ids: Tensor, num_real: int) -> tuple[Tensor, Tensor]:
+    """Per-token counts of real and virtual slots (int64 [T] each)."""
+    real = ((ids >= 0) & (ids < num_real)).sum(dim=1)
+    virt = (ids >= num_real).sum(dim=1)
+    return real, virt
+
+
+def _expert_counts(ids: Tensor, num_real: int) -> Tensor:
+    """Live real slots per real expert, float32 [N] (static shape, no bincount)."""
+    flat = ids.reshape(-1).long()
+    live = (flat >= 0) & (flat < num_real)
+    idx = torch.where(live, flat, torch.full_like(flat, num_real))
+    counts = torch.zeros(num_real + 1, dtype=torch.float32, device=ids.device)
+    counts = counts.scatter_add(0, idx, live.to(torch.float32))
+    return counts[:num_real]
+
+
+def load_balance_loss(ids: Tensor, logits: Tensor, num_real: int) -> Tensor:
+    """Switch-style N * sum_e f_e * P_e over the real experts only.
+
+    f_e: fraction of the live real slots that went to expert e (no gradient);
+    P_e: mean over tokens of softmax over the *real* logits (the gradient path).
+    Equals 1 when routing is perfectly even.
+    """
+    T = logits.shape[0]
+    if T == 0 or num_real == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    counts = _expert_counts(ids, num_real)
+    f = counts / counts.sum().clamp(min=1.0)
+    P = torch.softmax(logits[:, :num_real].float(), dim=-1).mean(dim=0)
+    return num_real * (f * P).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: int,
+                  bins: int = 10, modality: Optional[Tensor] = None,
+                  num_modalities: int = 0) -> RoutingStats:
+    """Statistics of one routing decision; tensors only, static shapes."""
+    ids = record.ids
+    T = ids.shape[0]
+    dev = ids.device
+    f32 = torch.float32
+    real, virt = slot_counts(ids, num_real)
+    denom = float(max(T, 1))
+    real_total = real.sum()
+    virt_total = virt.sum()
+    counts = _expert_counts(ids, num_real)
+    load = counts / counts.sum().clamp(min=1.0)
+    mean_load = 1.0 / max(num_real, 1)
+    imbalance = load.max() / mean_load if num_real > 0 else torch.zeros((), device=dev)
+    if record.importance is not None and T > 0:
+        w = record.importance.detach().float()
+        b = (w * bins).long().clamp(0, bins - 1)
+        hist = torch.zeros(bins, dtype=f32, device=dev).scatter_add(
+            0, b, torch.ones_like(w)) / denom
+        imp_mean = w.mean()
+    else:
+        hist = torch.zeros(bins, dtype=f32, device=dev)
+        imp_mean = torch.zeros((), dtype=f32, device=dev)
+    if record.offsets is not None and record.offsets.numel() > 0:
+        gemm_rows = record.offsets[-1].long()
+    else:
+        gemm_rows = real_total.new_zeros(())
+    out = RoutingStats(
+        real_per_token=real_total.to(f32) / denom,
+        virtual_per_token=virt_total.to(f32) / denom,
+        slots_per_token=record.slots.to(f32).sum() / denom,
+        virtual_share=virt_total.to(f32) / (real_total + virt_total).clamp(min=1).to(f32),
+        expert_load=load,
+        load_imbalance=imbalance,
+        importance_mean=imp_mean,
+        importance_hist=hist,
+        real_slots=real_total,
+        gemm_rows=gemm_rows,
+        gemm_rows_capacity=gemm_rows_capacity,
+    )
+    if modality is not None and num_modalities > 0:
+        m = modality.reshape(-1).long().clamp(0, num_modalities - 1)
+        z = torch.zeros(num_modalities, dtype=f32, device=dev)
+        n = z.scatter_add(0, m, torch.ones(T, dtype=f32, device=dev))
+        out.modality_tokens = n
+        out.modality_real = z.scatter_add(0, m, real.to(f32)) / n.clamp(min=1.0)
+        out.modality_virtual = z.scatter_add(0, m, virt.to(f32)) / n.clamp(min=1.0)
+    return out
+
+
+class StatsMeter:
+    """Averages :class:`RoutingStats` over steps on the device; one host sync in summary().
+
+    Per-modality means are weighted by token counts; every other field by step.
+    """
+
+    def __init__(self):
+        self.steps = 0
+        self._sums: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def update(self, stats: RoutingStats) -> None:
+        self.steps += 1
+        for f in fields(stats):
+            v = getattr(stats, f.name)
+            if not isinstance(v, Tensor):
+                continue
+            v = v.detach().double()
+            if f.name in ("modality_real", "modality_virtual"):
+                v = v * stats.modality_tokens.double()
+            self._sums[f.name] = self._sums[f.name] + v if f.name in self._sums else v
+
+    def summary(self) -> dict:
+        if self.steps == 0:
+            return {}
+        out = {}
+        for k, v in self._sums.items():
+            if k in ("modality_real", "modality_virtual"):
+                v = v / self._sums["modality_tokens"].clamp(min=1)
+            elif k not in ("modality_tokens", "real_slots", "gemm_rows"):
+                v = v / self.steps
+            v = v.cpu()
+            out[k] = v.item() if v.dim() == 0 else v.tolist()
+        return out
