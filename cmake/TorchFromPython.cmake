@@ -3,7 +3,7 @@
 # arch flags, while this build picks its own archs (cmake/CudaArchs.cmake).
 execute_process(
   COMMAND "${Python3_EXECUTABLE}" -c
-    "import torch, torch.utils.cpp_extension as c; print(';'.join(c.include_paths())); print(c.library_paths()[0]); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.version.cuda or '')"
+    "import torch, torch.utils.cpp_extension as c; print(';'.join(c.include_paths())); print(c.library_paths()[0]); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.version.cuda or '-')"
   OUTPUT_VARIABLE _torch_info
   RESULT_VARIABLE _torch_rc
   OUTPUT_STRIP_TRAILING_WHITESPACE)
@@ -15,11 +15,18 @@ list(GET _torch_info 0 _inc0)
 list(GET _torch_info 1 _inc1)
 list(GET _torch_info 2 TORCH_LIBRARY_DIR)
 list(GET _torch_info 3 TORCH_CXX11_ABI)
-list(LENGTH _torch_info _n)
-set(TORCH_CUDA_VERSION "")
-if(_n GREATER 4)
-  list(GET _torch_info 4 TORCH_CUDA_VERSION)
+list(GET _torch_info 4 TORCH_CUDA_VERSION)
+if(TORCH_CUDA_VERSION STREQUAL "-")
+  set(TORCH_CUDA_VERSION "")
 endif()
+
+# The libstdc++ the torch process runs with (Linux): see CMakeLists.txt for why we link it.
+execute_process(
+  COMMAND "${Python3_EXECUTABLE}" -c
+    "import torch\nfor l in open('/proc/self/maps'):\n    p = l.split()[-1]\n    if '/libstdc++.so' in p:\n        print(p); break"
+  OUTPUT_VARIABLE TORCH_LIBSTDCXX
+  OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+message(STATUS "libstdc++ of torch: ${TORCH_LIBSTDCXX}")
 set(TORCH_INCLUDE_DIRS "${_inc0}" "${_inc1}")
 
 function(_ae_torch_lib var name)
