@@ -90,8 +90,10 @@ def test_ops_matches_reference_fwd_bwd(norm, align):
     _close(a1.loss, a2.loss, "aux loss")
     _close(gx1, gx2, "grad x")
     assert g1.keys() == g2.keys() and "importance.net.0.weight" in g1
+    # Parameter grads sum over every token and slot: a scalar like a bias grad can end in
+    # cancellation, so they get 1e-4 (seen: 3e-5 on the H100 machine's CPU BLAS).
     for n in g1:
-        _close(g1[n], g2[n], f"grad {n}")
+        _close(g1[n], g2[n], f"grad {n}", rtol=1e-4)
     # the controller moved both budget biases the same way
     torch.testing.assert_close(m.importance_bias, r.importance_bias)
 
@@ -371,7 +373,7 @@ def test_compile_fullgraph_matches_eager():
     _close(o1, o0, "compiled out")
     assert torch.equal(a1.routing.ids, a0.routing.ids)
     _close(a1.loss, a0.loss, "compiled aux loss")
-    assert torch.equal(a1.stats.modality_real, a0.stats.modality_real)
+    _close(a1.stats.modality_real, a0.stats.modality_real, "modality means")  # inductor reorders the sums
     # training mode: the controller's buffer update happens inside the compiled graph
     m.train()
     m2 = copy.deepcopy(m)
