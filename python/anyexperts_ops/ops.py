@@ -140,7 +140,13 @@ def _grouped_mm_backward(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         grad_a = grouped_mm(grad_out, b.transpose(-2, -1), offsets)
     if ctx.needs_input_grad[1]:
-        grad_b = grouped_mm_wgrad(a, grad_out, offsets)
+        if b.dim() == 3 and b.stride(1) == 1 and b.stride(2) == b.shape[1] and b.shape[1] > 1:
+            # b is a transposed view of [G, N, K] storage (nn.Linear layout): compute the
+            # gradient in that layout (db^T[g] = dout_g^T @ a_g) so the view's backward needs
+            # no transposing copy of the whole weight gradient.
+            grad_b = grouped_mm_wgrad(grad_out, a, offsets).transpose(-2, -1)
+        else:
+            grad_b = grouped_mm_wgrad(a, grad_out, offsets)
     return grad_a, grad_b, None
 
 
