@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+import anyexperts_ops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 if BENCH not in sys.path:
@@ -27,7 +29,8 @@ STAGES = ("importance", "router", "segmented_topk", "permute", "gemm1", "activat
 
 def _env():
     env = dict(os.environ)
-    py = os.path.join(ROOT, "python")
+    # the package this test process imported (installed, or python/ with PYTHONPATH)
+    py = os.path.dirname(os.path.dirname(os.path.abspath(anyexperts_ops.__file__)))
     env["PYTHONPATH"] = py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
