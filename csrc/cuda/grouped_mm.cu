@@ -27,6 +27,7 @@
 #include <cstring>
 
 #include "anyexperts/checks.h"
+#include "anyexperts/cuda_utils.cuh"
 #include "anyexperts/rules.h"
 
 #if defined(ANYEXPERTS_SM90)
@@ -40,19 +41,55 @@ namespace {
 // Fallback: tiled SIMT grouped GEMM
 // ======================================================================================
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 constexpr int kTile = 64;      // output tile kTile x kTile per block
 constexpr int kTileK = 16;     // reduction slice staged in shared memory
 constexpr int kThreadsXY = 16; // 16x16 threads, 4x4 outputs each (rows ty+16i, cols tx+16j)
 constexpr int kPerThread = kTile / kThreadsXY;
+
+// Register tile of one thread: outputs (ty + kThreadsXY*i, tx + kThreadsXY*j).
+template <typename Acc>
+__device__ __forceinline__ void zero_tile(Acc (&acc)[kPerThread][kPerThread]) {
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) acc[i][j] = Acc(0);
+}
+
+// acc[i][j] += sa[kk][ty + 16i] * sb[kk][tx + 16j] over the staged slice, kk ascending.
+template <typename Acc>
+__device__ __forceinline__ void mma_tile(Acc (&acc)[kPerThread][kPerThread],
+                                         const Acc (&sa)[kTileK][kTile + 1],
+                                         const Acc (&sb)[kTileK][kTile + 1], int tx, int ty) {
+#pragma unroll
+  for (int kk = 0; kk < kTileK; ++kk) {
+    Acc av[kPerThread], bv[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) av[i] = sa[kk][ty + kThreadsXY * i];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) bv[j] = sb[kk][tx + kThreadsXY * j];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+// out[(m0 + ty + 16i) * N + n0 + tx + 16j] = acc[i][j] for rows below m_end, columns below N.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_tile(const Acc (&acc)[kPerThread][kPerThread], T* out,
+                                           int64_t m0, int64_t m_end, int64_t n0, int64_t N,
+                                           int tx, int ty) {
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t m = m0 + ty + kThreadsXY * i;
+    if (m >= m_end) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t n = n0 + tx + kThreadsXY * j;
+      if (n < N) out[m * N + n] = static_cast<T>(acc[i][j]);
+    }
+  }
+}
 
 // ends[g] = group_end(offsets, g, rows), so group g spans [ends[g-1], ends[g]).
 __global__ void group_ends_kernel(const int32_t* __restrict__ offsets, int64_t groups,
@@ -70,7 +107,7 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
                                const T* __restrict__ b, int64_t sb0, int64_t sb1, int64_t sb2,
                                T* __restrict__ out, const int64_t* __restrict__ ends,
                                int64_t groups, int64_t rows, int64_t K, int64_t N) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = cuda::opmath_t<T>;
   __shared__ Acc sa[kTileK][kTile + 1];
   __shared__ Acc sb[kTileK][kTile + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -80,10 +117,7 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile;
 
   Acc acc[kPerThread][kPerThread];
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) acc[i][j] = Acc(0);
+  zero_tile(acc);
 
   // First group ending after r0 (ends are non-decreasing).
   int64_t lo = 0, hi = groups;
@@ -111,32 +145,12 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
         sb[kk][j] = (c < N && k < K) ? static_cast<Acc>(bg[k * sb1 + c * sb2]) : Acc(0);
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < kTileK; ++kk) {
-        Acc av[kPerThread], bv[kPerThread];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) av[i] = sa[kk][ty + kThreadsXY * i];
-#pragma unroll
-        for (int j = 0; j < kPerThread; ++j) bv[j] = sb[kk][tx + kThreadsXY * j];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-          for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * bv[j];
-      }
+      mma_tile(acc, sa, sb, tx, ty);
       __syncthreads();
     }
   }
   // Rows past ends[G-1] were never accumulated: they are written as zero.
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int64_t r = r0 + ty + kThreadsXY * i;
-    if (r >= r1) continue;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int64_t c = c0 + tx + kThreadsXY * j;
-      if (c < N) out[r * N + c] = static_cast<T>(acc[i][j]);
-    }
-  }
+  store_tile(acc, out, r0, r1, c0, N, tx, ty);
 }
 
 // db[g] = a[rows of g]^T @ dout[rows of g]; empty groups write zeros. Block (x, y, z):
@@ -147,7 +161,7 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
                                      const T* __restrict__ d, int64_t sd0, int64_t sd1,
                                      T* __restrict__ db, const int64_t* __restrict__ ends,
                                      int64_t groups, int64_t K, int64_t N) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = cuda::opmath_t<T>;
   __shared__ Acc sa[kTileK][kTile + 1];
   __shared__ Acc sd[kTileK][kTile + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -158,10 +172,7 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
     const int64_t gb = g == 0 ? 0 : ends[g - 1];
     const int64_t ge = ends[g];
     Acc acc[kPerThread][kPerThread];
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) acc[i][j] = Acc(0);
+    zero_tile(acc);
     for (int64_t r0 = gb; r0 < ge; r0 += kTileK) {
       for (int idx = tid; idx < kTile * kTileK; idx += kThreadsXY * kThreadsXY) {
         const int kk = idx / kTile, i = idx % kTile;
@@ -171,31 +182,10 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
         sd[kk][i] = (r < ge && n < N) ? static_cast<Acc>(d[r * sd0 + n * sd1]) : Acc(0);
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < kTileK; ++kk) {
-        Acc av[kPerThread], dv[kPerThread];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) av[i] = sa[kk][ty + kThreadsXY * i];
-#pragma unroll
-        for (int j = 0; j < kPerThread; ++j) dv[j] = sd[kk][tx + kThreadsXY * j];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-          for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * dv[j];
-      }
+      mma_tile(acc, sa, sd, tx, ty);
       __syncthreads();
     }
-    T* out = db + g * K * N;
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int64_t m = m0 + ty + kThreadsXY * i;
-      if (m >= K) continue;
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int64_t n = n0 + tx + kThreadsXY * j;
-        if (n < N) out[m * N + n] = static_cast<T>(acc[i][j]);
-      }
-    }
+    store_tile(acc, db + g * K * N, m0, K, n0, N, tx, ty);
   }
 }
 
@@ -316,6 +306,18 @@ sm90::Launch make_launch(const at::Tensor& like, size_t workspace_bytes, at::Ten
           device_info(device).sm_count};
 }
 
+// Runs `kernel` on `p` with its workspace on `like`'s device; `op` names the op in errors.
+template <class Kernel, class Problem>
+void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
+                     const at::Tensor& like) {
+  at::Tensor workspace;
+  const int sm_count = device_info(like.device().index()).sm_count;
+  const sm90::Launch launch =
+      make_launch(like, kernel.workspace_bytes(p.groups, sm_count), workspace);
+  const char* err = kernel.run(p, launch);
+  TORCH_CHECK(err == nullptr, op, ": SM90 kernel ", kernel.name, " failed: ", err);
+}
+
 // ---- Kernel choice: the one place where a schedule is picked for a shape -------------
 //
 // The schedules (grouped_mm_sm90.h):
@@ -405,11 +407,7 @@ void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::T
   p.rows = R;
   p.k = K;
   p.n = N;
-  at::Tensor workspace;
-  const int sm_count = device_info(a.device().index()).sm_count;
-  const sm90::Launch launch = make_launch(a, kernel.workspace_bytes(G, sm_count), workspace);
-  const char* err = kernel.run(p, launch);
-  TORCH_CHECK(err == nullptr, "grouped_mm: SM90 kernel ", kernel.name, " failed: ", err);
+  run_sm90_kernel("grouped_mm", kernel, p, a);
 }
 
 void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
@@ -430,11 +428,7 @@ void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
   p.rows = R;
   p.k = K;
   p.n = N;
-  at::Tensor workspace;
-  const int sm_count = device_info(a.device().index()).sm_count;
-  const sm90::Launch launch = make_launch(a, kernel.workspace_bytes(G, sm_count), workspace);
-  const char* err = kernel.run(p, launch);
-  TORCH_CHECK(err == nullptr, "grouped_mm_wgrad: SM90 kernel ", kernel.name, " failed: ", err);
+  run_sm90_kernel("grouped_mm_wgrad", kernel, p, a);
 }
 
 #endif  // ANYEXPERTS_SM90

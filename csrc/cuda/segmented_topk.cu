@@ -83,6 +83,26 @@ __device__ __forceinline__ void warp_softmax_stats(const acc_t (&v)[kVpl], int E
   denom = cuda::warp_sum(denom);
 }
 
+// The same statistics for the general path: the row read from global memory by a block of
+// kBlockThreads threads; every thread gets the block's values. `scratch` as cuda::block_sum.
+template <typename scalar_t>
+__device__ __forceinline__ void block_softmax_stats(const scalar_t* row, int E,
+                                                    opmath_t<scalar_t>* scratch,
+                                                    opmath_t<scalar_t>& row_max,
+                                                    opmath_t<scalar_t>& denom) {
+  using acc_t = opmath_t<scalar_t>;
+  row_max = neg_inf<acc_t>();
+  for (int c = threadIdx.x; c < E; c += kBlockThreads) {
+    row_max = max(row_max, static_cast<acc_t>(row[c]));
+  }
+  row_max = cuda::block_max(row_max, scratch);
+  denom = 0;
+  for (int c = threadIdx.x; c < E; c += kBlockThreads) {
+    denom += exp(static_cast<acc_t>(row[c]) - row_max);
+  }
+  denom = cuda::block_sum(denom, scratch);
+}
+
 template <typename scalar_t, int kVpl>
 __device__ __forceinline__ void load_row(const scalar_t* row, int E,
                                          opmath_t<scalar_t> (&v)[kVpl]) {
@@ -168,16 +188,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   int32_t* out_ids = ids + t * k_max;
   acc_t* out_w = weights + t * k_max;
 
-  acc_t row_max = neg_inf<acc_t>();
-  for (int c = threadIdx.x; c < E; c += kBlockThreads) {
-    row_max = max(row_max, static_cast<acc_t>(row[c]));
-  }
-  row_max = cuda::block_max(row_max, scratch);
-  acc_t denom = 0;
-  for (int c = threadIdx.x; c < E; c += kBlockThreads) {
-    denom += exp(static_cast<acc_t>(row[c]) - row_max);
-  }
-  denom = cuda::block_sum(denom, scratch);
+  acc_t row_max, denom;
+  block_softmax_stats(row, E, scratch, row_max, denom);
 
   const int want = clamp_slots(slots[t], k_max);
   SlotWalk walk(want, clamp_virtual(max_virtual[t], want));
@@ -317,16 +329,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int32_t* row_ids = ids + t * K;
   scalar_t* out = grad_logits + t * E;
 
-  acc_t row_max = neg_inf<acc_t>();
-  for (int c = threadIdx.x; c < E; c += kBlockThreads) {
-    row_max = max(row_max, static_cast<acc_t>(row[c]));
-  }
-  row_max = cuda::block_max(row_max, scratch);
-  acc_t denom = 0;
-  for (int c = threadIdx.x; c < E; c += kBlockThreads) {
-    denom += exp(static_cast<acc_t>(row[c]) - row_max);
-  }
-  denom = cuda::block_sum(denom, scratch);
+  acc_t row_max, denom;
+  block_softmax_stats(row, E, scratch, row_max, denom);
 
   auto slot = [&](int s) {
     return load_slot(ids, grad_w, row, t * K + s, E, num_real, row_max, denom);

@@ -70,30 +70,29 @@ __device__ __forceinline__ T warp_max(T v) {
 
 // Block reductions for blocks of whole warps (at most 32 of them). `scratch` holds one value
 // per warp; the call starts and ends with a barrier so consecutive calls may share it.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
+// `warp_reduce` reduces within each warp, then over the per-warp values (lanes past the last
+// warp contribute `identity`).
+template <typename T, typename WarpReduce>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity, WarpReduce warp_reduce) {
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
-  v = warp_sum(v);
+  v = warp_reduce(v);
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  T total = lane < warps ? scratch[lane] : T(0);
-  return warp_sum(total);
+  T total = lane < warps ? scratch[lane] : identity;
+  return warp_reduce(total);
+}
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  return block_reduce(v, scratch, T(0), [](T x) { return warp_sum(x); });
 }
 
 template <typename T>
 __device__ __forceinline__ T block_max(T v, T* scratch) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int warps = blockDim.x / kWarp;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  T total = lane < warps ? scratch[lane] : neg_inf<T>();
-  return warp_max(total);
+  return block_reduce(v, scratch, neg_inf<T>(), [](T x) { return warp_max(x); });
 }
 
 // Inclusive prefix sum over a block of whole warps, and the block's total; `scratch` holds
