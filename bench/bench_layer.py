@@ -516,35 +516,36 @@ class Suite:
         return self._meta
 
     # -- measuring one model (both modes) --
-    def bench_model(self, base: dict, call: Callable, params, x, dy, *, slow=False,
-                    probe_factory=None) -> list[dict]:
-        """call(x) -> (out, loss). Returns the fwd and fwd_bwd rows."""
-        rows = []
-        probe_factory = probe_factory or (lambda: contextlib.nullcontext())
-        # fwd
-        row = dict(base, mode="fwd")
+    def _row(self, base: dict, mode: str, measure: Callable[[dict], None]) -> dict:
+        """One result row: measure(row) fills it; a failure, or --max-seconds running out, is
+        recorded in the row instead of stopping the run."""
+        row = dict(base, mode=mode)
         try:
             if self.out_of_time():
                 raise TimeoutError("skipped: --max-seconds reached")
+            measure(row)
+            row["error"] = None
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _err(e)
+            if self.args.verbose:
+                traceback.print_exc()
+        _free(self.device)
+        return row
 
+    def bench_model(self, base: dict, call: Callable, params, x, dy, *, slow=False,
+                    probe_factory=None) -> list[dict]:
+        """call(x) -> (out, loss). Returns the fwd and fwd_bwd rows."""
+        probe_factory = probe_factory or (lambda: contextlib.nullcontext())
+
+        def measure_fwd(row):
             def fwd():
                 with torch.no_grad():
                     return call(x)
             with probe_factory():
                 row.update(self.measure(fwd, slow=slow))
                 row.update(peak_memory(fwd, self.device))
-            row["error"] = None
-        except Exception as e:  # noqa: BLE001
-            row["error"] = _err(e)
-            if self.args.verbose:
-                traceback.print_exc()
-        rows.append(row)
-        _free(self.device)
-        # fwd_bwd
-        row = dict(base, mode="fwd_bwd")
-        try:
-            if self.out_of_time():
-                raise TimeoutError("skipped: --max-seconds reached")
+
+        def measure_fwd_bwd(row):
             xr = x.detach().clone().requires_grad_(True)
             plist = [p for p in params if p.requires_grad]
 
@@ -563,17 +564,11 @@ class Suite:
                     torch.autograd.backward(roots, grads)
             row.update(self.measure(step, slow=slow))
             row.update(peak_memory(step, self.device))
-            row["error"] = None
             xr.grad = None
             for p in plist:
                 p.grad = None
-        except Exception as e:  # noqa: BLE001
-            row["error"] = _err(e)
-            if self.args.verbose:
-                traceback.print_exc()
-        rows.append(row)
-        _free(self.device)
-        return rows
+
+        return [self._row(base, "fwd", measure_fwd), self._row(base, "fwd_bwd", measure_fwd_bwd)]
 
     def expert_compute(self, layer, x, dy_rows_seed: int, inner=None) -> dict:
         """Times gemm1 + activation + gemm2 alone on the rows the layer's permute produced
