@@ -24,6 +24,8 @@ TORCH_LIBRARY(anyexperts, m) {
       "(Tensor x_perm, Tensor offsets, Tensor slot_rows)");
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   m.def("grouped_mm_wgrad(Tensor a, Tensor dout, Tensor offsets) -> Tensor");
+  m.def("swiglu(Tensor gu, Tensor offsets) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_h, Tensor gu, Tensor offsets) -> Tensor");
   m.def("unpermute(Tensor y, Tensor slot_rows, Tensor weights) -> Tensor");
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor slot_rows, Tensor weights) -> "

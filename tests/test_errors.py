@@ -66,6 +66,19 @@ def unperm_bwd(g=None, y=None, rows=None, w=None):
     return lambda: ops.unpermute_backward(g, y, rows, w)
 
 
+def swiglu(gu=None, off=None):
+    gu = z(10, 8) if gu is None else gu
+    off = z(3, dtype=I32) if off is None else off
+    return lambda: ops.swiglu(gu, off)
+
+
+def swiglu_bwd(g=None, gu=None, off=None):
+    g = z(10, 4) if g is None else g
+    gu = z(10, 8) if gu is None else gu
+    off = z(3, dtype=I32) if off is None else off
+    return lambda: ops.swiglu_backward(g, gu, off)
+
+
 FLOATS = "must be float16, bfloat16, float32 or float64"
 NORM_MSG = "norm must be 'none', 'selected' or 'real', got 'softmax'"
 
@@ -123,6 +136,20 @@ CASES = {
     "wgrad-dtype": (wgrad(dout=z(10, 5, dtype=torch.float64)),
                     "grouped_mm_wgrad: a and dout must have the same dtype"),
     "wgrad-rows": (wgrad(dout=z(9, 5)), "grouped_mm_wgrad: a and dout must have the same rows"),
+    # swiglu
+    "swiglu-gu-dtype": (swiglu(gu=z(10, 8, dtype=I32)), f"swiglu: gu {FLOATS}"),
+    "swiglu-gu-rank": (swiglu(gu=z(10, 8, 1)), "swiglu: gu must be 2-D, got 3-D"),
+    "swiglu-gu-odd": (swiglu(gu=z(10, 7)), "swiglu: gu must be [R, 2F] ([gate | up]), got an odd width 7"),
+    "swiglu-off-dtype": (swiglu(off=z(3, dtype=I64)), "swiglu: offsets must be int32"),
+    "swiglu-off-rank": (swiglu(off=z(3, 1, dtype=I32)), "swiglu: offsets must be 1-D"),
+    # swiglu_backward
+    "swiglub-g-shape": (swiglu_bwd(g=z(10, 8)), "swiglu_backward: grad_h must be [R, F] = [10, 4]"),
+    "swiglub-g-rows": (swiglu_bwd(g=z(9, 4)), "swiglu_backward: grad_h must be [R, F] = [10, 4]"),
+    "swiglub-g-dtype": (swiglu_bwd(g=z(10, 4, dtype=torch.bfloat16)),
+                        "swiglu_backward: grad_h must have gu's dtype"),
+    "swiglub-g-int": (swiglu_bwd(g=z(10, 4, dtype=I32)), f"swiglu_backward: grad_h {FLOATS}"),
+    "swiglub-gu-odd": (swiglu_bwd(gu=z(10, 9)), "swiglu_backward: gu must be [R, 2F]"),
+    "swiglub-off-dtype": (swiglu_bwd(off=z(3, dtype=I64)), "swiglu_backward: offsets must be int32"),
     # unpermute
     "unperm-y-dtype": (unperm(y=z(12, 6, dtype=I64)), f"unpermute: y {FLOATS}"),
     "unperm-y-rank": (unperm(y=z(12)), "unpermute: y must be 2-D, got 1-D"),
@@ -152,7 +179,8 @@ def test_invalid_input_raises_clear_error(case):
 def test_valid_defaults_do_not_raise():
     """The builders above are valid without their one wrong argument (so each case fails
     for the reason it names)."""
-    for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), unperm(), unperm_bwd()):
+    for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), unperm(),
+                 unperm_bwd()):
         call()
 
 
@@ -177,6 +205,10 @@ DEVICE_CASES = {
                    "grouped_mm: a and offsets must be on the same device"),
     "grouped_mm_wgrad": (lambda d: wgrad(dout=z(10, 5, device=d)),
                          "grouped_mm_wgrad: a and dout must be on the same device"),
+    "swiglu": (lambda d: swiglu(off=z(3, dtype=I32, device=d)),
+               "swiglu: gu and offsets must be on the same device"),
+    "swiglu_backward": (lambda d: swiglu_bwd(g=z(10, 4, device=d)),
+                        "swiglu_backward: gu and grad_h must be on the same device"),
     "unpermute": (lambda d: unperm(rows=z(4, 3, dtype=I32, device=d)),
                   "unpermute: y and slot_rows must be on the same device"),
 }

@@ -54,6 +54,20 @@ def _wgrad_samples():
     yield "empty", (torch.randn(6, 3), torch.randn(6, 2), torch.zeros(4, dtype=torch.int32))
 
 
+def _swiglu_samples():
+    yield "fp32", (torch.randn(20, 8, requires_grad=True), random_offsets(3, 20))
+    yield "bf16", (torch.randn(16, 16, dtype=torch.bfloat16, requires_grad=True),
+                   torch.tensor([4, 4, 11], dtype=torch.int32))
+    yield "fp64-no-groups-live", (torch.randn(6, 4, dtype=torch.float64, requires_grad=True),
+                                  torch.zeros(2, dtype=torch.int32))
+
+
+def _swiglu_backward_samples():
+    yield "fp32", (torch.randn(20, 4), torch.randn(20, 8), random_offsets(3, 20))
+    yield "bf16", (torch.randn(16, 8, dtype=torch.bfloat16),
+                   torch.randn(16, 16, dtype=torch.bfloat16), torch.tensor([16], dtype=torch.int32))
+
+
 def _unpermute_samples():
     rows = randint(-1, 29, (8, 3))
     yield "fp32", (torch.randn(30, 6, requires_grad=True), rows,
@@ -77,6 +91,8 @@ SAMPLERS = {
     "permute": _permute_samples,
     "grouped_mm": _grouped_mm_samples,
     "grouped_mm_wgrad": _wgrad_samples,
+    "swiglu": _swiglu_samples,
+    "swiglu_backward": _swiglu_backward_samples,
     "unpermute": _unpermute_samples,
     "unpermute_backward": _unpermute_backward_samples,
 }

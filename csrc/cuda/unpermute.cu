@@ -156,13 +156,6 @@ void with_weight_type(at::ScalarType weights, F&& f) {
   f(float{});
 }
 
-template <typename scalar_t, typename F>
-void with_vec(int width, F&& f) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (width == kVec) return f(std::integral_constant<int, kVec>{});
-  f(std::integral_constant<int, 1>{});
-}
-
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& slot_rows,
                           const at::Tensor& weights) {
   check_unpermute(y, slot_rows, weights);
@@ -185,7 +178,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& slot_rows,
         cuda::vec_width<scalar_t>(hidden, {yc.const_data_ptr(), out.const_data_ptr()});
     with_weight_type<scalar_t>(wc.scalar_type(), [&](auto w) {
       using weight_t = decltype(w);
-      with_vec<scalar_t>(width, [&](auto vec) {
+      cuda::with_vec<scalar_t>(width, [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         unpermute_kernel<scalar_t, weight_t, kVec>
             <<<cuda::grid_for(tokens, kWarpsPerBlock), kThreads, 0, stream>>>(
@@ -225,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
         hidden, {gc.const_data_ptr(), yc.const_data_ptr(), grad_y.const_data_ptr()});
     with_weight_type<scalar_t>(wc.scalar_type(), [&](auto w) {
       using weight_t = decltype(w);
-      with_vec<scalar_t>(width, [&](auto vec) {
+      cuda::with_vec<scalar_t>(width, [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         if (slots > 0) {
           unpermute_backward_kernel<scalar_t, weight_t, kVec>

@@ -5,10 +5,10 @@ Importing this package registers torch.ops.anyexperts.*; see DESIGN.md section 3
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import reference
-from .ops import grouped_mm, grouped_mm_wgrad, permute, segmented_topk, unpermute
+from .ops import grouped_mm, grouped_mm_wgrad, permute, segmented_topk, swiglu, unpermute
 
-__all__ = ["segmented_topk", "permute", "grouped_mm", "grouped_mm_wgrad", "unpermute",
-           "reference"]
+__all__ = ["segmented_topk", "permute", "grouped_mm", "grouped_mm_wgrad", "swiglu",
+           "unpermute", "reference"]
 __version__ = "0.1.0"
 
 # The AnyExperts MoE layer, its presets and routing statistics (issue 5).

@@ -9,7 +9,7 @@ Data flow for T tokens (hidden H, FFN width F, N real + M virtual experts)::
     V_i = (rho_num * K_i) // rho_den                        (integer-exact virtual cap)
     ids, weights = segmented_topk(logits, K, V, K_max, N, norm)
     x_perm, offsets, slot_rows = permute(x', ids, N, align)
-    y = grouped_mm(silu(g) * u, W_down^T), [g|u] = grouped_mm(x_perm, W_gate_up^T)
+    y = grouped_mm(swiglu([g|u], offsets), W_down^T), [g|u] = grouped_mm(x_perm, W_gate_up^T)
     out = unpermute(y, slot_rows, weights) + virtual terms (zero / copy / const)
 
 Shapes are static throughout (no host synchronisation in forward), so the layer runs
@@ -26,7 +26,6 @@ from fractions import Fraction
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference as _reference
@@ -336,8 +335,7 @@ class AnyExpertsMoE(nn.Module):
         B = self._B
         x_perm, offsets, slot_rows = B.permute(xh, ids, c.num_experts, c.align)
         gu = B.grouped_mm(x_perm, self.w_gate_up.transpose(1, 2), offsets)
-        gate, up = gu.split(c.ffn_size, dim=-1)
-        h = F.silu(gate) * up
+        h = B.swiglu(gu, offsets)
         y = B.grouped_mm(h, self.w_down.transpose(1, 2), offsets)
         return B.unpermute(y, slot_rows, weights), offsets
 

@@ -42,6 +42,12 @@ def grouped_mm_wgrad(a: Tensor, dout: Tensor, offsets: Tensor) -> Tensor:
     return _ops.grouped_mm_wgrad.default(a, dout, offsets)
 
 
+def swiglu(gu: Tensor, offsets: Tensor) -> Tensor:
+    """h = silu(gate) * up with gu = [gate | up] ([R, 2F] -> [R, F]); rows past the last
+    group's end are zero and never read."""
+    return _ops.swiglu.default(gu, offsets)
+
+
 def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor) -> Tensor:
     """out[t] = sum_j weights[t,j] * y[slot_rows[t,j]], skipping -1."""
     return _ops.unpermute.default(y, slot_rows, weights)
@@ -78,6 +84,16 @@ def _grouped_mm_fake(a, b, offsets):
 @torch.library.register_fake("anyexperts::grouped_mm_wgrad")
 def _grouped_mm_wgrad_fake(a, dout, offsets):
     return a.new_empty((offsets.shape[0], a.shape[1], dout.shape[1]))
+
+
+@torch.library.register_fake("anyexperts::swiglu")
+def _swiglu_fake(gu, offsets):
+    return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
+
+
+@torch.library.register_fake("anyexperts::swiglu_backward")
+def _swiglu_backward_fake(grad_h, gu, offsets):
+    return torch.empty_like(gu)
 
 
 @torch.library.register_fake("anyexperts::unpermute")
@@ -152,6 +168,22 @@ def _grouped_mm_backward(ctx, grad_out):
 
 torch.library.register_autograd("anyexperts::grouped_mm", _grouped_mm_backward,
                                 setup_context=_grouped_mm_setup)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    gu, offsets = inputs
+    ctx.save_for_backward(gu, offsets)
+
+
+def _swiglu_backward(ctx, grad_h):
+    gu, offsets = ctx.saved_tensors
+    if grad_h is None or not ctx.needs_input_grad[0]:
+        return None, None
+    return _ops.swiglu_backward.default(grad_h.contiguous(), gu, offsets), None
+
+
+torch.library.register_autograd("anyexperts::swiglu", _swiglu_backward,
+                                setup_context=_swiglu_setup)
 
 
 def _unpermute_setup(ctx, inputs, output):

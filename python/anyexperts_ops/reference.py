@@ -144,6 +144,19 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor)
     return _connected(db, a, dout).to(a.dtype)
 
 
+def swiglu(gu: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """h[R,F] = silu(gate) * up with gu = [gate | up], in fp32 (fp64 for fp64), for the rows
+    before the last group's end (padding rows included); rows past it are zero."""
+    R, F = gu.shape[0], gu.shape[1] // 2
+    acc = _opmath(gu.dtype)
+    spans = group_spans(offsets, R)
+    live = spans[-1][1] if spans else 0
+    g, u = gu[:live, :F].to(acc), gu[:live, F:].to(acc)
+    h = torch.nn.functional.silu(g) * u
+    out = torch.cat([h, h.new_zeros((R - live, F))])
+    return _connected(out, gu).to(gu.dtype)
+
+
 def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum over j ascending of weights[t,j] * y[slot_rows[t,j]], skipping -1.
 

@@ -136,6 +136,28 @@ inline void check_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& dout,
   TORCH_CHECK(a.size(0) < (int64_t{1} << 31), op, ": a must have fewer than 2^31 rows");
 }
 
+inline void check_swiglu(const at::Tensor& gu, const at::Tensor& offsets,
+                         const char* op = "swiglu") {
+  check_float(gu, op, "gu", 2);
+  check_int32(offsets, op, "offsets", 1);
+  check_same_device(gu, offsets, op, "gu", "offsets");
+  TORCH_CHECK(gu.size(1) % 2 == 0, op, ": gu must be [R, 2F] ([gate | up]), got an odd width ",
+              gu.size(1));
+}
+
+inline void check_swiglu_backward(const at::Tensor& grad_h, const at::Tensor& gu,
+                                  const at::Tensor& offsets) {
+  constexpr const char* op = "swiglu_backward";
+  check_swiglu(gu, offsets, op);
+  check_float(grad_h, op, "grad_h", 2);
+  TORCH_CHECK(grad_h.size(0) == gu.size(0) && grad_h.size(1) == gu.size(1) / 2, op,
+              ": grad_h must be [R, F] = [", gu.size(0), ", ", gu.size(1) / 2, "], got ",
+              grad_h.sizes());
+  TORCH_CHECK(grad_h.scalar_type() == gu.scalar_type(), op, ": grad_h must have gu's dtype ",
+              gu.scalar_type(), ", got ", grad_h.scalar_type());
+  check_same_device(gu, grad_h, op, "gu", "grad_h");
+}
+
 inline void check_unpermute(const at::Tensor& y, const at::Tensor& slot_rows,
                             const at::Tensor& weights, const char* op = "unpermute") {
   check_float(y, op, "y", 2);

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace anyexperts::cuda {
 
@@ -140,6 +141,15 @@ template <typename T>
 inline int vec_width(int64_t cols, std::initializer_list<const void*> ptrs) {
   constexpr int kVec = 16 / sizeof(T);
   return rows_aligned16(cols * static_cast<int64_t>(sizeof(T)), ptrs) ? kVec : 1;
+}
+
+// Calls f(std::integral_constant<int, W>{}) with W = vec_width's answer, so kernels take
+// the vector width as a template parameter: 16 bytes of T, or 1.
+template <typename T, typename F>
+void with_vec(int width, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (width == kVec) return f(std::integral_constant<int, kVec>{});
+  f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace anyexperts::cuda

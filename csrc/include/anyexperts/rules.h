@@ -2,6 +2,8 @@
 // CUDA kernels so that the CPU tests exercise the very code the GPU runs.
 #pragma once
 
+#include <math.h>
+
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -111,6 +113,37 @@ struct RowSpan {
 
 AE_HOST_DEVICE RowSpan group_span(const int32_t* offsets, int g, int64_t rows) {
   return {g == 0 ? 0 : group_end(offsets, g - 1, rows), group_end(offsets, g, rows)};
+}
+
+// Rows at or after this one belong to no group (they are zero in every op's output).
+AE_HOST_DEVICE int64_t live_rows(const int32_t* offsets, int groups, int64_t rows) {
+  return groups > 0 ? group_end(offsets, groups - 1, rows) : 0;
+}
+
+// ---- swiglu ---------------------------------------------------------------------------
+
+// expf/exp are the C library's on the host and CUDA's on the device.
+AE_HOST_DEVICE float exp_of(float x) { return expf(x); }
+AE_HOST_DEVICE double exp_of(double x) { return exp(x); }
+
+// silu(gate) * up, with silu written as torch writes it: x / (1 + exp(-x)).
+template <typename Acc>
+AE_HOST_DEVICE Acc swiglu_value(Acc gate, Acc up) {
+  return gate / (Acc(1) + exp_of(-gate)) * up;
+}
+
+template <typename Acc>
+struct SwigluGrad {
+  Acc gate;
+  Acc up;
+};
+
+// Gradients of h = silu(gate) * up given dh, with silu'(x) = s * (1 + x * (1 - s)),
+// s = sigmoid(x), the form of torch's silu_backward.
+template <typename Acc>
+AE_HOST_DEVICE SwigluGrad<Acc> swiglu_grad(Acc dh, Acc gate, Acc up) {
+  const Acc s = Acc(1) / (Acc(1) + exp_of(-gate));
+  return {dh * up * (s * (Acc(1) + gate * (Acc(1) - s))), dh * (gate * s)};
 }
 
 // ---- unpermute ------------------------------------------------------------------------

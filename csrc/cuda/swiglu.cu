@@ -1,0 +1,182 @@
+// swiglu and its backward on CUDA: h = silu(gate) * up over the rows of some group, zero
+// past the last group (the rows a static-shape MoE layer allocates but does not use).
+//
+// A grid-stride loop of one thread per 16-byte vector of h where alignment allows. Each
+// block first finds the live end itself, a max over the G offsets (live_rows, rules.h),
+// so the op is one launch with no host sync. Dead rows are written as zeros without
+// reading gu: their cost is the zero store only, whatever the input holds there.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "anyexperts/checks.h"
+#include "anyexperts/cuda_utils.cuh"
+#include "anyexperts/rules.h"
+
+namespace anyexperts {
+namespace {
+
+using cuda::kWarp;
+using cuda::opmath_t;
+using cuda::Pack;
+
+constexpr int kThreads = 256;
+// Enough blocks to fill any current GPU several times over; fewer blocks would read the
+// offsets fewer times, more would not run any sooner.
+constexpr int64_t kMaxBlocks = 4096;
+
+// live_rows(offsets, groups, rows) computed by the whole block: max(0, offsets...) clamped
+// to rows, which is what group_end's running max gives for the last group.
+__device__ __forceinline__ int64_t block_live_rows(const int32_t* __restrict__ offsets,
+                                                   int64_t groups, int64_t rows,
+                                                   int64_t* scratch) {
+  int64_t end = 0;
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) end = max(end, int64_t{offsets[g]});
+  end = cuda::block_reduce(end, scratch, int64_t{0}, [](int64_t x) { return cuda::warp_max(x); });
+  return end < rows ? end : rows;
+}
+
+__device__ __forceinline__ int64_t thread_index() {
+  return int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ int64_t thread_count() { return int64_t{gridDim.x} * blockDim.x; }
+
+// gu rows are [gate | up], `vecs` vectors each half; h rows are `vecs` vectors.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_kernel(const scalar_t* __restrict__ gu, const int32_t* __restrict__ offsets,
+                  scalar_t* __restrict__ h, int64_t groups, int64_t rows, int64_t vecs) {
+  using acc_t = opmath_t<scalar_t>;
+  using V = Pack<scalar_t, kVec>;
+  __shared__ int64_t scratch[kWarp];
+  const int64_t live = block_live_rows(offsets, groups, rows, scratch);
+  const V* in = reinterpret_cast<const V*>(gu);
+  V* out = reinterpret_cast<V*>(h);
+  for (int64_t i = thread_index(); i < rows * vecs; i += thread_count()) {
+    const int64_t r = i / vecs;
+    const int64_t v = i - r * vecs;
+    V o{};
+    if (r < live) {
+      const V gate = in[r * 2 * vecs + v];
+      const V up = in[r * 2 * vecs + vecs + v];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        o.v[e] = static_cast<scalar_t>(
+            swiglu_value(static_cast<acc_t>(gate.v[e]), static_cast<acc_t>(up.v[e])));
+      }
+    }
+    out[i] = o;
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ gu,
+                           const int32_t* __restrict__ offsets, scalar_t* __restrict__ grad_gu,
+                           int64_t groups, int64_t rows, int64_t vecs) {
+  using acc_t = opmath_t<scalar_t>;
+  using V = Pack<scalar_t, kVec>;
+  __shared__ int64_t scratch[kWarp];
+  const int64_t live = block_live_rows(offsets, groups, rows, scratch);
+  const V* dh = reinterpret_cast<const V*>(grad_h);
+  const V* in = reinterpret_cast<const V*>(gu);
+  V* out = reinterpret_cast<V*>(grad_gu);
+  for (int64_t i = thread_index(); i < rows * vecs; i += thread_count()) {
+    const int64_t r = i / vecs;
+    const int64_t v = i - r * vecs;
+    V d_gate{}, d_up{};
+    if (r < live) {
+      const V g = dh[i];
+      const V gate = in[r * 2 * vecs + v];
+      const V up = in[r * 2 * vecs + vecs + v];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const auto d = swiglu_grad(static_cast<acc_t>(g.v[e]), static_cast<acc_t>(gate.v[e]),
+                                   static_cast<acc_t>(up.v[e]));
+        d_gate.v[e] = static_cast<scalar_t>(d.gate);
+        d_up.v[e] = static_cast<scalar_t>(d.up);
+      }
+    }
+    out[r * 2 * vecs + v] = d_gate;
+    out[r * 2 * vecs + vecs + v] = d_up;
+  }
+}
+
+// ---- host -----------------------------------------------------------------------------
+
+unsigned blocks_for(int64_t items) {
+  return static_cast<unsigned>(std::min<int64_t>(cuda::grid_for(items, kThreads), kMaxBlocks));
+}
+
+at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets) {
+  check_swiglu(gu, offsets);
+  const c10::cuda::CUDAGuard guard(gu.device());
+  const cuda::NvtxRange range("anyexperts::swiglu");
+  const at::Tensor gc = gu.contiguous();
+  const at::Tensor oc = offsets.contiguous();
+  const int64_t rows = gc.size(0);
+  const int64_t width = gc.size(1) / 2;
+  at::Tensor h = at::empty({rows, width}, gc.options());
+  if (rows == 0 || width == 0) return h;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "swiglu_cuda", [&] {
+    const int vec = cuda::vec_width<scalar_t>(width, {gc.const_data_ptr(), h.const_data_ptr()});
+    cuda::with_vec<scalar_t>(vec, [&](auto kv) {
+      constexpr int kVec = decltype(kv)::value;
+      const int64_t vecs = width / kVec;
+      swiglu_kernel<scalar_t, kVec><<<blocks_for(rows * vecs), kThreads, 0, stream>>>(
+          gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<int32_t>(),
+          h.mutable_data_ptr<scalar_t>(), oc.size(0), rows, vecs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return h;
+}
+
+at::Tensor swiglu_backward_cuda(const at::Tensor& grad_h, const at::Tensor& gu,
+                                const at::Tensor& offsets) {
+  check_swiglu_backward(grad_h, gu, offsets);
+  const c10::cuda::CUDAGuard guard(gu.device());
+  const cuda::NvtxRange range("anyexperts::swiglu_backward");
+  const at::Tensor dc = grad_h.contiguous();
+  const at::Tensor gc = gu.contiguous();
+  const at::Tensor oc = offsets.contiguous();
+  const int64_t rows = gc.size(0);
+  const int64_t width = gc.size(1) / 2;
+  at::Tensor grad_gu = at::empty({rows, 2 * width}, gc.options());
+  if (rows == 0 || width == 0) return grad_gu;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(),
+                                  "swiglu_backward_cuda", [&] {
+    const int vec = cuda::vec_width<scalar_t>(
+        width, {dc.const_data_ptr(), gc.const_data_ptr(), grad_gu.const_data_ptr()});
+    cuda::with_vec<scalar_t>(vec, [&](auto kv) {
+      constexpr int kVec = decltype(kv)::value;
+      const int64_t vecs = width / kVec;
+      swiglu_backward_kernel<scalar_t, kVec><<<blocks_for(rows * vecs), kThreads, 0, stream>>>(
+          dc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+          oc.const_data_ptr<int32_t>(), grad_gu.mutable_data_ptr<scalar_t>(), oc.size(0), rows,
+          vecs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_gu;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anyexperts, CUDA, m) {
+  m.impl("swiglu", &swiglu_cuda);
+  m.impl("swiglu_backward", &swiglu_backward_cuda);
+}
+
+}  // namespace anyexperts
