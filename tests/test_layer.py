@@ -157,6 +157,20 @@ def test_static_topk_matches_plain_moe(backend):
 
 # ---- invariants -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("align", [1, 4])
+def test_load_balance_loss_counts_live_real_slots(align):
+    """N * sum_e f_e P_e with f from the live real slots (with align 1 the layer reads them
+    off permute's offsets; with padding it counts ids)."""
+    m = _layer(align=align)
+    N = m.config.num_experts
+    with torch.no_grad():
+        _, aux = m(torch.randn(50, H))
+    ids = aux.routing.ids.long()
+    counts = torch.bincount(ids[(ids >= 0) & (ids < N)], minlength=N).float()
+    P = torch.softmax(aux.routing.logits[:, :N], dim=-1).mean(0)
+    _close(aux.load_balance_loss, N * (counts / counts.sum() * P).sum(), "load balance loss")
+
+
 @pytest.mark.parametrize("align", [1, 3])
 def test_routing_invariants(align):
     m = _layer(align=align, num_modalities=3)

@@ -308,7 +308,8 @@ class AnyExpertsMoE(nn.Module):
             w = torch.sigmoid(score)
         xh = x
         if w is not None and c.hsm_alpha != 0.0:
-            xh = x + (c.hsm_alpha * w).to(x.dtype).unsqueeze(-1) * x
+            # one pass over x: x + x * (alpha w), the product and sum in fp32 inside addcmul
+            xh = torch.addcmul(x, x, (c.hsm_alpha * w).to(x.dtype).unsqueeze(-1))
         logits = _acc(self.router(xh))
         if M > 0 and w is not None and c.iar_scale != 0.0:
             shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)
@@ -339,24 +340,26 @@ class AnyExpertsMoE(nn.Module):
         y = B.grouped_mm(h, self.w_down.transpose(1, 2), offsets)
         return B.unpermute(y, slot_rows, weights), offsets
 
-    def _virtual(self, xh: Tensor, ids: Tensor, weights: Tensor) -> Optional[Tensor]:
-        """Sum of the virtual experts' terms in fp32, or None when none can be nonzero."""
+    def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """out plus the virtual experts' terms: copy adds weight * x', const weight * v_j,
+        zero nothing. One fused pass per kind over [T, H] in out's dtype (addcmul and
+        addmm compute in fp32 inside; the per-token coefficients are rounded to out's
+        dtype first), so virtual slots stay near-free next to the expert GEMMs."""
         c = self.config
         N, M = c.num_experts, c.num_virtual
         if M == 0 or not (self._copy_cols or self._const_cols):
-            return None  # only zero experts: they add nothing
+            return out  # only zero experts: they add nothing
         T = ids.shape[0]
         vid = ids.long() - N
         col = torch.where(vid >= 0, vid, torch.full_like(vid, M))   # M: a dump column
         wv = weights.new_zeros((T, M + 1)).scatter_add(1, col, weights)[:, :M]
-        extra = None
         if self._copy_cols:
             coef = wv.index_select(1, self._copy_idx).sum(dim=-1, keepdim=True)
-            extra = coef * xh.to(wv.dtype)
+            out = torch.addcmul(out, xh, coef.to(out.dtype))
         if self._const_cols:
-            term = wv.index_select(1, self._const_idx) @ self.const_vectors.to(wv.dtype)
-            extra = term if extra is None else extra + term
-        return extra
+            out = torch.addmm(out, wv.index_select(1, self._const_idx).to(out.dtype),
+                              self.const_vectors.to(out.dtype))
+        return out
 
     def forward(self, x: Tensor, modality: Optional[Tensor] = None
                 ) -> tuple[Tensor, MoEAux]:
@@ -368,13 +371,14 @@ class AnyExpertsMoE(nn.Module):
         xh, rec, score = self._route(x2)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
-        extra = self._virtual(xh, rec.ids, rec.weights)
-        if extra is not None:
-            out = (out.to(extra.dtype) + extra).to(x.dtype)
+        out = self._virtual(out, xh, rec.ids, rec.weights)
 
         # losses
         zero = x2.new_zeros((), dtype=torch.float32)
-        lb = load_balance_loss(rec.ids, rec.logits, N)
+        # Live real slots per expert: with align 1 the GEMM groups are exactly those.
+        counts = (torch.diff(offsets, prepend=offsets.new_zeros(1)).float() if c.align == 1
+                  else None)
+        lb = load_balance_loss(rec.ids, rec.logits, N, counts=counts)
         zl = router_z_loss(rec.logits) if c.z_loss_coef > 0 else zero
         real, virt = slot_counts(rec.ids, N)
         real_mean = real.sum().float() / float(max(T, 1))
@@ -406,7 +410,7 @@ class AnyExpertsMoE(nn.Module):
                 rec, N, gemm_rows_capacity=T * c.k_max + N * (c.align - 1),
                 bins=c.importance_bins,
                 modality=None if modality is None else modality.reshape(-1),
-                num_modalities=c.num_modalities)
+                num_modalities=c.num_modalities, counts=counts, real_virtual=(real, virt))
         aux = MoEAux(loss=loss, load_balance_loss=lb, z_loss=zl, budget_loss=bl,
                      stats=stats, routing=rec)
         return out.reshape(*lead, c.hidden_size), aux

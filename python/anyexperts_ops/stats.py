@@ -97,17 +97,20 @@ def _expert_counts(ids: Tensor, num_real: int) -> Tensor:
     return counts[:num_real]
 
 
-def load_balance_loss(ids: Tensor, logits: Tensor, num_real: int) -> Tensor:
+def load_balance_loss(ids: Tensor, logits: Tensor, num_real: int,
+                      counts: Optional[Tensor] = None) -> Tensor:
     """Switch-style N * sum_e f_e * P_e over the real experts only.
 
     f_e: fraction of the live real slots that went to expert e (no gradient);
     P_e: mean over tokens of softmax over the *real* logits (the gradient path).
-    Equals 1 when routing is perfectly even.
+    Equals 1 when routing is perfectly even. ``counts`` ([N] live real slots per expert)
+    saves counting them again when the caller has them.
     """
     T = logits.shape[0]
     if T == 0 or num_real == 0:
         return logits.new_zeros((), dtype=torch.float32)
-    counts = _expert_counts(ids, num_real)
+    if counts is None:
+        counts = _expert_counts(ids, num_real)
     f = counts / counts.sum().clamp(min=1.0)
     P = torch.softmax(logits[:, :num_real].float(), dim=-1).mean(dim=0)
     return num_real * (f * P).sum()
@@ -122,17 +125,20 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: int,
                   bins: int = 10, modality: Optional[Tensor] = None,
-                  num_modalities: int = 0) -> RoutingStats:
-    """Statistics of one routing decision; tensors only, static shapes."""
+                  num_modalities: int = 0, counts: Optional[Tensor] = None,
+                  real_virtual: Optional[tuple[Tensor, Tensor]] = None) -> RoutingStats:
+    """Statistics of one routing decision; tensors only, static shapes. ``counts`` (live
+    real slots per expert) and ``real_virtual`` (:func:`slot_counts`) are reused when given."""
     ids = record.ids
     T = ids.shape[0]
     dev = ids.device
     f32 = torch.float32
-    real, virt = slot_counts(ids, num_real)
+    real, virt = real_virtual if real_virtual is not None else slot_counts(ids, num_real)
     denom = float(max(T, 1))
     real_total = real.sum()
     virt_total = virt.sum()
-    counts = _expert_counts(ids, num_real)
+    if counts is None:
+        counts = _expert_counts(ids, num_real)
     load = counts / counts.sum().clamp(min=1.0)
     mean_load = 1.0 / max(num_real, 1)
     imbalance = load.max() / mean_load if num_real > 0 else torch.zeros((), device=dev)
