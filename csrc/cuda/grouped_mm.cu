@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "anyexperts/checks.h"
 #include "anyexperts/cuda_utils.cuh"
@@ -303,19 +304,116 @@ sm90::Launch make_launch(const at::Tensor& like, size_t workspace_bytes, at::Ten
   workspace = at::empty({static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))},
                         like.options().dtype(at::kByte));
   return {workspace.data_ptr(), c10::cuda::getCurrentCUDAStream(device).stream(), device,
-          device_info(device).sm_count};
+          device_info(device).sm_count, sm90::Scheduling{}};
 }
 
 // Runs `kernel` on `p` with its workspace on `like`'s device; `op` names the op in errors.
 template <class Kernel, class Problem>
 void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
-                     const at::Tensor& like) {
+                     const at::Tensor& like, const sm90::Scheduling& scheduling = {}) {
   at::Tensor workspace;
   const int sm_count = device_info(like.device().index()).sm_count;
-  const sm90::Launch launch =
-      make_launch(like, kernel.workspace_bytes(p.groups, sm_count), workspace);
+  sm90::Launch launch = make_launch(like, kernel.workspace_bytes(p.groups, sm_count), workspace);
+  launch.scheduling = scheduling;
   const char* err = kernel.run(p, launch);
   TORCH_CHECK(err == nullptr, op, ": SM90 kernel ", kernel.name, " failed: ", err);
+}
+
+// ---- Tuning overrides (environment) ---------------------------------------------------
+//
+// For tuning runs (bench/bench_grouped_mm.py --sweep); the defaults are what runs otherwise.
+//   ANYEXPERTS_GROUPED_MM_SCHEDULE  auto (the choice of select_forward_schedule) or one of
+//                                   kScheduleNames: forces that schedule for grouped_mm
+//                                   (forward and dgrad) in bf16. fp16 has one kernel compiled
+//                                   and runs it whatever is named; grouped_mm_wgrad too.
+//   ANYEXPERTS_GROUPED_MM_RASTER    along_m (default) | along_n | heuristic: tile order of
+//                                   the persistent group scheduler (sm90::Raster).
+//   ANYEXPERTS_GROUPED_MM_SWIZZLE   1 (default) | 2 | 4 | 8 (sm90::Scheduling::swizzle).
+// Unset or empty means the default; any other value fails every SM90 grouped_mm call with
+// an error that lists the accepted ones (a typo must not quietly time the default).
+// They are read once, at the first SM90 grouped_mm call of the process. With
+// ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 (itself read once) every call reads them again, so
+// one process can time every configuration (the sweep, the CUDA tests). That is opt-in:
+// setenv racing with getenv in another thread is undefined behaviour, so a normal process
+// never calls getenv after the first call.
+struct ScheduleName {
+  const char* name;
+  sm90::Schedule schedule;
+};
+
+// Every compiled schedule, by the name the override takes (tile MxN, then cluster MxN).
+constexpr ScheduleName kScheduleNames[] = {
+    {"cooperative_128x256_2x1", sm90::Schedule::kCooperative128x256},
+    {"pingpong_64x256_1x1", sm90::Schedule::kPingpong64x256},
+    {"cooperative_128x128_1x2", sm90::Schedule::kCooperative128x128},
+    {"cooperative_256x128_2x1", sm90::Schedule::kCooperative256x128},
+    {"pingpong_128x128_1x2", sm90::Schedule::kPingpong128x128},
+    // Short names the override took before the candidates existed.
+    {"cooperative", sm90::Schedule::kCooperative128x256},
+    {"pingpong", sm90::Schedule::kPingpong64x256},
+};
+
+struct Tuning {
+  bool auto_schedule = true;
+  sm90::Schedule schedule = sm90::Schedule::kCooperative128x256;  // when !auto_schedule
+  sm90::Scheduling scheduling{};
+};
+
+// The variable's value, or nullptr when unset or empty.
+const char* env_value(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+Tuning read_tuning() {
+  Tuning t;
+  if (const char* v = env_value("ANYEXPERTS_GROUPED_MM_SCHEDULE")) {
+    if (std::strcmp(v, "auto") != 0) {
+      bool found = false;
+      std::string names = "auto";
+      for (const ScheduleName& s : kScheduleNames) {
+        names += std::string(", ") + s.name;
+        if (!found && std::strcmp(v, s.name) == 0) {
+          t.auto_schedule = false;
+          t.schedule = s.schedule;
+          found = true;
+        }
+      }
+      TORCH_CHECK(found, "grouped_mm: unknown ANYEXPERTS_GROUPED_MM_SCHEDULE='", v,
+                  "'; expected one of: ", names);
+    }
+  }
+  if (const char* v = env_value("ANYEXPERTS_GROUPED_MM_RASTER")) {
+    if (std::strcmp(v, "along_m") == 0) {
+      t.scheduling.raster = sm90::Raster::kAlongM;
+    } else if (std::strcmp(v, "along_n") == 0) {
+      t.scheduling.raster = sm90::Raster::kAlongN;
+    } else if (std::strcmp(v, "heuristic") == 0) {
+      t.scheduling.raster = sm90::Raster::kHeuristic;
+    } else {
+      TORCH_CHECK(false, "grouped_mm: unknown ANYEXPERTS_GROUPED_MM_RASTER='", v,
+                  "'; expected one of: along_m, along_n, heuristic");
+    }
+  }
+  if (const char* v = env_value("ANYEXPERTS_GROUPED_MM_SWIZZLE")) {
+    const std::string sw(v);
+    TORCH_CHECK(sw == "1" || sw == "2" || sw == "4" || sw == "8",
+                "grouped_mm: unknown ANYEXPERTS_GROUPED_MM_SWIZZLE='", v,
+                "'; expected one of: 1, 2, 4, 8");
+    t.scheduling.swizzle = std::stoi(sw);
+  }
+  return t;
+}
+
+Tuning tuning() {
+  static const bool live = [] {
+    const char* v = env_value("ANYEXPERTS_GROUPED_MM_TUNING_LIVE");
+    return v != nullptr && std::strcmp(v, "0") != 0;
+  }();
+  if (live) return read_tuning();
+  // A bad value throws out of the initializer: the next call reads and throws again.
+  static const Tuning once = read_tuning();
+  return once;
 }
 
 // ---- Kernel choice: the one place where a schedule is picked for a shape -------------
@@ -330,32 +428,19 @@ void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
 //     one warpgroup's epilogue overlaps the other's mainloop. Wins when groups are short
 //     (decode, many small experts): a 128-row tile would be mostly padding, and a 2x1
 //     cluster would round every group up to an even number of M tiles.
+//   kCooperative128x128 (1x2 cluster), kCooperative256x128 (2x1), kPingpong128x128 (1x2):
+//     bf16 candidates, compiled so that one H100 session can time them against the two
+//     above on the benchmark shapes (bench_grouped_mm.py --sweep). None is chosen here
+//     until measurements say where one wins; the override runs them meanwhile.
 // The choice uses m_avg = R / G, the mean rows per group, an upper bound known on the
 // host without reading offsets: pingpong when m_avg <= 128, else cooperative. fp16 has
-// only the cooperative kernel compiled (compile time; bf16 is the training dtype).
-// ANYEXPERTS_GROUPED_MM_SCHEDULE=cooperative|pingpong overrides the choice (for tuning).
+// only kCooperative128x256 compiled (compile time; bf16 is the training dtype).
+// ANYEXPERTS_GROUPED_MM_SCHEDULE overrides the choice (tuning, see above).
 // grouped_mm_wgrad always runs the cooperative kernel: its output db[g] is K x N for every
 // group whatever the group's rows (those are its reduction dimension), so its tiles are
 // full-size wherever there is work.
-enum class Choice { kAuto, kCooperative, kPingpong };
-
-Choice schedule_override() {
-  static const Choice choice = [] {
-    const char* env = std::getenv("ANYEXPERTS_GROUPED_MM_SCHEDULE");
-    if (env == nullptr) return Choice::kAuto;
-    if (std::strcmp(env, "cooperative") == 0) return Choice::kCooperative;
-    if (std::strcmp(env, "pingpong") == 0) return Choice::kPingpong;
-    return Choice::kAuto;
-  }();
-  return choice;
-}
-
-sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups) {
-  switch (schedule_override()) {
-    case Choice::kCooperative: return sm90::Schedule::kCooperative128x256;
-    case Choice::kPingpong: return sm90::Schedule::kPingpong64x256;
-    default: break;
-  }
+sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups, const Tuning& t) {
+  if (!t.auto_schedule) return t.schedule;
   const int64_t m_avg = rows / std::max<int64_t>(groups, 1);
   return m_avg <= 128 ? sm90::Schedule::kPingpong64x256 : sm90::Schedule::kCooperative128x256;
 }
@@ -363,13 +448,25 @@ sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups) {
 sm90::ForwardKernel forward_kernel(at::ScalarType dtype, sm90::BLayout layout,
                                    sm90::Schedule schedule) {
   const bool row = layout == sm90::BLayout::kRowMajor;
-  if (dtype == at::kBFloat16) {
-    if (schedule == sm90::Schedule::kPingpong64x256) {
-      return row ? sm90::forward_bf16_rowmajor_pingpong() : sm90::forward_bf16_colmajor_pingpong();
-    }
-    return row ? sm90::forward_bf16_rowmajor_cooperative() : sm90::forward_bf16_colmajor_cooperative();
+  if (dtype != at::kBFloat16) {
+    return row ? sm90::forward_fp16_rowmajor_cooperative() : sm90::forward_fp16_colmajor_cooperative();
   }
-  return row ? sm90::forward_fp16_rowmajor_cooperative() : sm90::forward_fp16_colmajor_cooperative();
+  switch (schedule) {
+    case sm90::Schedule::kPingpong64x256:
+      return row ? sm90::forward_bf16_rowmajor_pingpong() : sm90::forward_bf16_colmajor_pingpong();
+    case sm90::Schedule::kCooperative128x128:
+      return row ? sm90::forward_bf16_rowmajor_cooperative_128x128()
+                 : sm90::forward_bf16_colmajor_cooperative_128x128();
+    case sm90::Schedule::kCooperative256x128:
+      return row ? sm90::forward_bf16_rowmajor_cooperative_256x128()
+                 : sm90::forward_bf16_colmajor_cooperative_256x128();
+    case sm90::Schedule::kPingpong128x128:
+      return row ? sm90::forward_bf16_rowmajor_pingpong_128x128()
+                 : sm90::forward_bf16_colmajor_pingpong_128x128();
+    case sm90::Schedule::kCooperative128x256:
+      break;
+  }
+  return row ? sm90::forward_bf16_rowmajor_cooperative() : sm90::forward_bf16_colmajor_cooperative();
 }
 
 void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets,
@@ -393,8 +490,9 @@ void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::T
     layout = sm90::BLayout::kRowMajor;
     ldb = N;
   }
+  const Tuning t = tuning();
   const sm90::ForwardKernel kernel =
-      forward_kernel(a.scalar_type(), layout, select_forward_schedule(R, G));
+      forward_kernel(a.scalar_type(), layout, select_forward_schedule(R, G, t));
   sm90::ForwardProblem p{};
   p.a = a.data_ptr();
   p.lda = R > 1 ? a.stride(0) : K;
@@ -407,7 +505,7 @@ void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::T
   p.rows = R;
   p.k = K;
   p.n = N;
-  run_sm90_kernel("grouped_mm", kernel, p, a);
+  run_sm90_kernel("grouped_mm", kernel, p, a, t.scheduling);
 }
 
 void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,

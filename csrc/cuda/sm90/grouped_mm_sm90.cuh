@@ -42,20 +42,30 @@ namespace anyexperts::sm90::detail {
 using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // <M,N,K> per group
 using UnderlyingProblemShape = ProblemShape::UnderlyingProblemShape;
 
-// The two schedules of Schedule (grouped_mm_sm90.h), as CUTLASS types.
-struct CooperativeConfig {
+// The schedules of Schedule (grouped_mm_sm90.h), as CUTLASS types.
+template <class TileShape_, class ClusterShape_>
+struct CooperativeSchedule {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
 };
 
-struct PingpongConfig {
+template <class TileShape_, class ClusterShape_>
+struct PingpongSchedule {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-  using TileShape = cute::Shape<cute::_64, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
 };
+
+// Schedule::kCooperative128x256
+using CooperativeConfig = CooperativeSchedule<cute::Shape<cute::_128, cute::_256, cute::_64>,
+                                              cute::Shape<cute::_2, cute::_1, cute::_1>>;
+// Schedule::kPingpong64x256
+using PingpongConfig = PingpongSchedule<cute::Shape<cute::_64, cute::_256, cute::_64>,
+                                        cute::Shape<cute::_1, cute::_1, cute::_1>>;
+// The candidate schedules name their tile and cluster shapes at the top of their files.
 
 template <class ElementA_, class LayoutA_, class ElementB_, class LayoutB_, class ElementD_,
           class LayoutD_, class ElementAccumulator_, class Config>
@@ -314,10 +324,25 @@ inline const char* status_message(cutlass::Status s) {
   }
 }
 
+inline cutlass::gemm::kernel::detail::RasterOrderOptions raster_option(Raster r) {
+  using Options = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  switch (r) {
+    case Raster::kAlongN: return Options::AlongN;
+    case Raster::kHeuristic: return Options::Heuristic;
+    default: return Options::AlongM;
+  }
+}
+
+// log2 of the swizzle (1, 2, 4, 8 -> 0..3; anything else rounds down, at most 3).
+inline int log_swizzle(int swizzle) {
+  return swizzle >= 8 ? 3 : swizzle >= 4 ? 2 : swizzle >= 2 ? 1 : 0;
+}
+
 template <class Gemm>
 typename Gemm::Kernel::Arguments make_arguments(int64_t groups, const ArgBuffers<Gemm>& buf,
                                                 int device, int sm_count,
-                                                int max_active_clusters) {
+                                                int max_active_clusters,
+                                                const Scheduling& scheduling = {}) {
   typename Gemm::Kernel::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
   // Problem shapes live only on the device: host_problem_shapes = nullptr.
@@ -335,6 +360,8 @@ typename Gemm::Kernel::Arguments make_arguments(int64_t groups, const ArgBuffers
   args.hw_info.device_id = device;
   args.hw_info.sm_count = sm_count;
   args.hw_info.max_active_clusters = max_active_clusters;
+  args.scheduler.raster_order = raster_option(scheduling.raster);
+  args.scheduler.max_swizzle_size = 1 << log_swizzle(scheduling.swizzle);
   return args;
 }
 
@@ -355,11 +382,19 @@ template <class Gemm>
 const char* launch_gemm(int64_t groups, const ArgBuffers<Gemm>& buf, const Launch& l) {
   int max_active_clusters = 0;
   if (const char* err = setup_kernel<typename Gemm::Kernel>(l.device, &max_active_clusters)) return err;
-  auto args = make_arguments<Gemm>(groups, buf, l.device, l.sm_count, max_active_clusters);
+  auto args = make_arguments<Gemm>(groups, buf, l.device, l.sm_count, max_active_clusters,
+                                   l.scheduling);
   if (!Gemm::Kernel::can_implement(args)) return "CUTLASS: grouped GEMM arguments not implementable";
   cutlass::Status status = Gemm::Kernel::initialize_workspace(args, l.workspace, l.stream);
   if (status != cutlass::Status::kSuccess) return status_message(status);
   auto params = Gemm::Kernel::to_underlying_arguments(args, l.workspace);
+  // The group scheduler derives its swizzle from the launch-time tile grid, which for
+  // grouped problems is (tiles x 1): max_swizzle_size alone never takes effect (CUTLASS
+  // 4.2, PersistentTileSchedulerSm90GroupParams::initialize). The device side does apply
+  // log_swizzle_size_ per group, and the kernel's get_grid_shape reads it back from the
+  // params, so it is set here. Extra tiles from rounding a group's tile grid up to the
+  // swizzle lie outside the group: TMA reads zeros there and the store clips them.
+  params.scheduler.log_swizzle_size_ = log_swizzle(l.scheduling.swizzle);
   status = Gemm::Adapter::run(params, l.stream);
   if (status != cutlass::Status::kSuccess) return status_message(status);
   const cudaError_t err = cudaGetLastError();
