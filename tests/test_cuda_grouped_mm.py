@@ -6,6 +6,8 @@ fp64, odd K or N, any other GPU). Skips cleanly without a GPU or without the CUD
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,6 +27,13 @@ def _has_cuda_kernels() -> bool:
 
 pytestmark = pytest.mark.skipif(not _has_cuda_kernels(),
                                 reason="needs a CUDA GPU and the CUDA build of anyexperts_ops")
+
+# The schedule tests below force each SM90 schedule through the tuning overrides
+# (csrc/cuda/grouped_mm.cu), which the dispatcher re-reads per call only when
+# ANYEXPERTS_GROUPED_MM_TUNING_LIVE is set before the process's first SM90 grouped_mm call.
+# Collection imports this module before any test runs; the overrides themselves stay unset
+# outside the tests that set them, so every other test sees the default choice.
+os.environ.setdefault("ANYEXPERTS_GROUPED_MM_TUNING_LIVE", "1")
 
 ops = torch.ops.anyexperts
 DEV = "cuda"
@@ -247,6 +256,173 @@ def test_empty_shapes():
     db = ops.grouped_mm_wgrad(torch.randn(5, 8, device=DEV), torch.randn(5, 16, device=DEV),
                               torch.zeros(0, dtype=torch.int32, device=DEV))
     assert db.shape == (0, 8, 16)
+
+
+# ---- every SM90 schedule, raster order and swizzle (tuning overrides) ---------------------
+
+# kScheduleNames in csrc/cuda/grouped_mm.cu (tests/test_bench_grouped_mm.py checks the list).
+SM90_SCHEDULES = (
+    "cooperative_128x256_2x1",
+    "pingpong_64x256_1x1",
+    "cooperative_128x128_1x2",
+    "cooperative_256x128_2x1",
+    "pingpong_128x128_1x2",
+)
+TUNING_VARS = ("ANYEXPERTS_GROUPED_MM_SCHEDULE", "ANYEXPERTS_GROUPED_MM_RASTER",
+               "ANYEXPERTS_GROUPED_MM_SWIZZLE")
+
+needs_sm90 = pytest.mark.skipif(not is_sm90(), reason="SM90 kernels: needs compute capability 9.0")
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """tuning(schedule, raster, swizzle) sets the overrides (None: unset) for this test and
+    checks that the dispatcher re-reads them per call."""
+    def set_(schedule=None, raster=None, swizzle=None):
+        for var, val in zip(TUNING_VARS, (schedule, raster, swizzle)):
+            if val is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, str(val))
+
+    if os.environ.get("ANYEXPERTS_GROUPED_MM_TUNING_LIVE") != "1":
+        pytest.skip("ANYEXPERTS_GROUPED_MM_TUNING_LIVE is not 1 in this process")
+    set_("__not_a_schedule__")
+    a, b = make(16, 16, 16, 2, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="ANYEXPERTS_GROUPED_MM_SCHEDULE"):
+        ops.grouped_mm(a, b, i32([8, 16]))
+    set_()
+    return set_
+
+
+# (R, K, N, G) and how rows are spread: "random" (random_offsets: ~30% empty groups, rows
+# past the last offset), "tiny" (groups of 0, 1, 2 or 3 rows), "ragged" (groups from empty
+# to several tiles, none a tile multiple).
+SCHEDULE_CASES = [
+    ((1, 8, 8, 1), "random"),
+    ((37, 16, 24, 3), "random"),
+    ((1034, 72, 264, 5), "random"),        # K, N past a tile edge
+    ((4096, 256, 512, 8), "random"),       # several tiles per group in M and N
+    ((8192, 128, 128, 256), "random"),     # G = 256, short groups
+    ((64, 64, 136, 32), "tiny"),
+    ((3000, 64, 392, 9), "ragged"),
+]
+
+
+def case_offsets(G, R, spread):
+    if spread == "random":
+        return offsets_on_device(G, R)
+    if spread == "tiny":
+        sizes = [g % 4 for g in range(G)]          # 0, 1, 2, 3, 0, 1, ...
+    else:
+        sizes = [0, 1, 127, 129, 300, 0, 513, 777, 1000][:G]
+    ends = torch.tensor(sizes).cumsum(0)
+    assert int(ends[-1]) <= R
+    return ends.to(torch.int32).to(DEV)
+
+
+@needs_sm90
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("case", SCHEDULE_CASES,
+                         ids=lambda c: "R{}_K{}_N{}_G{}_".format(*c[0]) + c[1])
+@pytest.mark.parametrize("schedule", SM90_SCHEDULES)
+def test_every_schedule_matches_reference(tuning, schedule, case, transposed_b):
+    (R, K, N, G), spread = case
+    a, b = make(R, K, N, G, torch.bfloat16, transposed_b)
+    offsets = case_offsets(G, R, spread)
+    tuning(schedule)
+    poison_cuda((R, N), dtype=torch.bfloat16)
+    out = ops.grouped_mm(a, b, offsets)
+    check(out, ref64(a, b, offsets), torch.bfloat16, f"{schedule} {case} bT={transposed_b}")
+    assert (out[tail_of(offsets, R):] == 0).all(), "rows past the last offset must be zero"
+
+
+RASTER_SWIZZLE = [("along_m", 1), ("along_n", 1), ("heuristic", 1), ("along_m", 2),
+                  ("along_n", 2), ("along_m", 4), ("along_n", 8)]
+
+
+@needs_sm90
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("raster_swizzle", RASTER_SWIZZLE, ids=lambda rs: f"{rs[0]}_sw{rs[1]}")
+@pytest.mark.parametrize("schedule", SM90_SCHEDULES)
+def test_raster_and_swizzle_match_reference(tuning, schedule, raster_swizzle, transposed_b):
+    # Ragged groups whose tile counts are not multiples of the swizzle: the scheduler pads
+    # each group's tile grid, and the padding tiles must not write anything.
+    raster, swizzle = raster_swizzle
+    R, K, N, G = 3000, 64, 392, 9
+    a, b = make(R, K, N, G, torch.bfloat16, transposed_b)
+    offsets = case_offsets(G, R, "ragged")
+    tuning(schedule, raster, swizzle)
+    poison_cuda((R, N), dtype=torch.bfloat16)
+    out = ops.grouped_mm(a, b, offsets)
+    check(out, ref64(a, b, offsets), torch.bfloat16, f"{schedule} {raster} sw{swizzle}")
+    assert (out[tail_of(offsets, R):] == 0).all()
+
+
+@needs_sm90
+@pytest.mark.parametrize("schedule", SM90_SCHEDULES)
+def test_every_schedule_autograd_and_fp16(tuning, schedule):
+    # dgrad runs grouped_mm with the other B layout under the same override; fp16 has one
+    # kernel compiled and runs it whatever the override names.
+    R, K, N, G = 700, 64, 96, 6
+    offsets = offsets_on_device(G, R)
+    tuning(schedule, "along_n", 2)
+    for dtype in (torch.bfloat16, torch.float16):
+        a = torch.randn(R, K, device=DEV).to(dtype).requires_grad_()
+        w = torch.randn(G, N, K, device=DEV).to(dtype).requires_grad_()
+        out = anyexperts_ops.grouped_mm(a, w.transpose(1, 2), offsets)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        a64 = a.detach().double().requires_grad_()
+        w64 = w.detach().double().requires_grad_()
+        out64 = ref.grouped_mm(a64, w64.transpose(1, 2), offsets)
+        out64.backward(grad.double())
+        check(out, out64, dtype, f"{schedule} {dtype} out")
+        check(a.grad, a64.grad, dtype, f"{schedule} {dtype} grad a")
+        check(w.grad, w64.grad, dtype, f"{schedule} {dtype} grad w")
+
+
+@needs_sm90
+def test_overrides_pick_distinct_kernels(tuning):
+    # Each schedule name runs its own CUTLASS kernel (the override is not silently ignored).
+    from torch.profiler import ProfilerActivity, profile
+    R, K, N, G = 1024, 64, 128, 4
+    a, b = make(R, K, N, G, torch.bfloat16, transposed_b=True)
+    offsets = offsets_on_device(G, R)
+    names = {}
+    for schedule in SM90_SCHEDULES:
+        tuning(schedule)
+        ops.grouped_mm(a, b, offsets)   # one-time kernel setup outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.grouped_mm(a, b, offsets)
+            torch.cuda.synchronize()
+        kernels = {e.name for e in prof.events() if "GemmUniversal" in e.name or
+                   "device_kernel" in e.name}
+        if not kernels:
+            pytest.skip("the profiler reported no CUTLASS kernel names")
+        names[schedule] = frozenset(kernels)
+    assert len(set(names.values())) == len(SM90_SCHEDULES), names
+    for schedule, kernels in names.items():
+        kind = "Pingpong" if schedule.startswith("pingpong") else "Cooperative"
+        if any("WarpSpecialized" in k for k in kernels):
+            assert any(kind in k for k in kernels), (schedule, kernels)
+
+
+@needs_sm90
+def test_unknown_override_values_raise(tuning):
+    a, b = make(64, 32, 16, 2, torch.bfloat16)
+    off = i32([10, 64])
+    for i, value in enumerate(("cooperative_64x64", "along_k", "3")):
+        values = [None, None, None]
+        values[i] = value
+        tuning(*values)
+        with pytest.raises(RuntimeError, match=TUNING_VARS[i]):
+            ops.grouped_mm(a, b, off)
+    tuning("auto", "heuristic", 1)
+    check(ops.grouped_mm(a, b, off), ref64(a, b, off), torch.bfloat16, "auto/heuristic/1")
+    tuning("pingpong")     # the short names of the two original schedules still work
+    check(ops.grouped_mm(a, b, off), ref64(a, b, off), torch.bfloat16, "pingpong")
 
 
 # ---- input validation ---------------------------------------------------------------------
