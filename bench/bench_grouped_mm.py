@@ -19,12 +19,21 @@ warm-up. Rows carry speedup_vs_torch_grouped_mm (torch time / this time) and, fo
 fraction_of_dense (our TFLOP/s over the dense GEMM's).
 
 Writes JSON {"gpu","torch","cuda","date","rows":[...]} to --out and a markdown table beside it.
+
+--sweep (SM90 only) times grouped_mm, forward and dgrad, under every compiled kernel schedule
+x raster order x swizzle of the tuning overrides (csrc/cuda/grouped_mm.cu: environment
+variables ANYEXPERTS_GROUPED_MM_SCHEDULE/_RASTER/_SWIZZLE, re-read on every call in this
+process through ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1), next to torch._grouped_mm on the same
+inputs in the same process, and writes bench/results/grouped_mm_sweep.{json,md}: one row per
+configuration with speedup_vs_torch_grouped_mm, the best configuration per case and per
+shape, and a ranking of configurations over all cases (the data to choose the default from).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,6 +60,26 @@ QUICK_SHAPES = [
 LOADS = ("balanced", "zipf")
 ZIPF_S = 1.0
 IMPLS = ("anyexperts", "torch_grouped_mm", "cublas_loop", "dense_cublas")
+
+# --sweep: every schedule compiled into the SM90 grouped GEMM (kScheduleNames in
+# csrc/cuda/grouped_mm.cu; tests/test_bench_grouped_mm.py keeps the two lists equal).
+SWEEP_SCHEDULES = (
+    "cooperative_128x256_2x1",   # default when rows/groups > 128
+    "pingpong_64x256_1x1",       # default when rows/groups <= 128
+    "cooperative_128x128_1x2",   # candidates
+    "cooperative_256x128_2x1",
+    "pingpong_128x128_1x2",
+)
+# "heuristic" is left out: with problem shapes on the device only, CUTLASS's heuristic sees
+# an (SM count x 1) tile grid and always picks along_n.
+SWEEP_RASTERS = ("along_m", "along_n")
+SWEEP_SWIZZLES = (1, 2, 4, 8)
+SWEEP_OPS = ("forward", "dgrad")
+ENV_SCHEDULE = "ANYEXPERTS_GROUPED_MM_SCHEDULE"
+ENV_RASTER = "ANYEXPERTS_GROUPED_MM_RASTER"
+ENV_SWIZZLE = "ANYEXPERTS_GROUPED_MM_SWIZZLE"
+ENV_LIVE = "ANYEXPERTS_GROUPED_MM_TUNING_LIVE"
+MISMATCH_TOL = 2e-2   # rel. difference to torch._grouped_mm beyond which a row is an error
 
 
 def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> list[int]:
@@ -222,6 +251,296 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
     return rows
 
 
+# ---- --sweep -----------------------------------------------------------------------------
+
+def set_tuning(schedule=None, raster=None, swizzle=None) -> None:
+    """Sets (or, for None, clears) the tuning overrides; read by the next grouped_mm call."""
+    for var, val in ((ENV_SCHEDULE, schedule), (ENV_RASTER, raster), (ENV_SWIZZLE, swizzle)):
+        if val is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = str(val)
+
+
+def sweep_unavailable() -> str | None:
+    """Why --sweep cannot run here, or None. Must run before any grouped_mm call of the
+    process: the dispatcher reads ENV_LIVE once, at its first SM90 call."""
+    if not torch.cuda.is_available():
+        return "needs an SM90 GPU (H100/H200); this machine has no CUDA GPU"
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):
+        return (f"needs an SM90 GPU (compute capability 9.0, H100/H200); this GPU is "
+                f"{torch.cuda.get_device_name()} ({cap[0]}.{cap[1]}): the swept CUTLASS "
+                "schedules exist for sm_90a only")
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("anyexperts::grouped_mm", "CUDA")
+    except Exception:  # noqa: BLE001  (private API moved: the probe below tells)
+        has = True
+    if not has:
+        return "anyexperts_ops was built without CUDA kernels (ANYEXPERTS_CUDA=ON, archs with 90a)"
+    # Probe: a bogus schedule name must fail an SM90-eligible call. It does not when the SM90
+    # kernels are not compiled in (archs without 90a: the SIMT fallback ignores the override)
+    # or when the overrides are not re-read per call (ENV_LIVE was read before it was set).
+    os.environ[ENV_LIVE] = "1"
+    a = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)
+    b = torch.zeros(2, 16, 16, device="cuda", dtype=torch.bfloat16)
+    off = torch.tensor([8, 16], device="cuda", dtype=torch.int32)
+    set_tuning(schedule="__probe__")
+    try:
+        ops.grouped_mm(a, b, off)
+        torch.cuda.synchronize()
+        return ("the grouped_mm overrides had no effect: anyexperts_ops has no SM90 kernels "
+                "(build with ANYEXPERTS_CUDA_ARCHS containing 90a), or the process called "
+                f"grouped_mm before {ENV_LIVE}=1 was set")
+    except RuntimeError as exc:
+        if ENV_SCHEDULE not in str(exc):
+            raise
+    finally:
+        set_tuning()
+    return None
+
+
+def sweep_configs(args):
+    """(label, schedule, raster, swizzle); the first is the default choice, no overrides."""
+    configs = [("auto", None, None, None)]
+    for sched in args.sweep_schedules:
+        for raster in args.sweep_rasters:
+            for sw in args.sweep_swizzles:
+                configs.append((f"{sched}/{raster}/sw{sw}", sched, raster, sw))
+    return configs
+
+
+def sweep_case(name, E, H, F, T, top_k, load, args, gen):
+    dt = torch.bfloat16
+    dev = "cuda"
+    sizes = group_sizes(E, T, top_k, load, gen)
+    R = sum(sizes)
+    offsets = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev)
+    x = torch.randn(R, H, device=dev, dtype=dt)
+    dy = torch.randn(R, F, device=dev, dtype=dt)
+    W = torch.randn(E, F, H, device=dev, dtype=dt) / H ** 0.5
+    Wt = W.transpose(1, 2)
+    cases = {  # op: (a, b, K, N), as in run_config
+        "forward": (x, Wt, H, F),
+        "dgrad": (dy, W, F, H),
+    }
+    base = {"shape": name, "E": E, "H": H, "F": F, "T": T, "top_k": top_k, "R": R, "load": load,
+            "max_group_rows": max(sizes), "empty_groups": sizes.count(0), "dtype": "bfloat16"}
+    rows = []
+    for op in args.sweep_ops:
+        a, b, K, N = cases[op]
+        flops = 2.0 * R * K * N
+        case = dict(base, op=op, M=R, K=K, N=N, flops=flops)
+        torch_fn = lambda: torch._grouped_mm(a, b, offs=offsets, out_dtype=dt)  # noqa: E731
+        expect = torch_fn()
+        # Several passes over torch and every configuration, each time the minimum over the
+        # passes' medians: a clock change during one pass then does not pick the winner.
+        torch_times = []
+        ours = {label: dict(case, name=f"{name}/{load}/{op}/{label}", impl="anyexperts",
+                            config=label, schedule=sched, raster=raster, swizzle=sw, ms_passes=[])
+                for label, sched, raster, sw in sweep_configs(args)}
+        for _ in range(args.sweep_repeats):
+            torch_times.append(median_ms(torch_fn, args.warmup, args.iters))
+            for label, sched, raster, sw in sweep_configs(args):
+                row = ours[label]
+                if row.get("error"):
+                    continue
+                set_tuning(sched, raster, sw)
+                fn = lambda: ops.grouped_mm(a, b, offsets)  # noqa: E731
+                try:
+                    if "rel_diff_vs_torch_grouped_mm" not in row:
+                        diff = rel_diff(fn(), expect)
+                        row["rel_diff_vs_torch_grouped_mm"] = diff
+                        if not diff <= MISMATCH_TOL:   # NaN included
+                            row["error"] = (f"result differs from torch._grouped_mm: rel. diff "
+                                            f"{diff:.2e}")
+                    row["ms_passes"].append(median_ms(fn, args.warmup, args.iters))
+                except Exception as exc:  # noqa: BLE001  (a failing configuration is a result)
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    torch.cuda.synchronize()
+                finally:
+                    set_tuning()
+        torch_ms = min(torch_times)
+        rows.append(dict(case, name=f"{name}/{load}/{op}/torch_grouped_mm", impl="torch_grouped_mm",
+                         config="torch._grouped_mm", schedule=None, raster=None, swizzle=None,
+                         ms=torch_ms, ms_passes=torch_times, tflops=flops / torch_ms / 1e9,
+                         speedup_vs_torch_grouped_mm=1.0))
+        for row in ours.values():
+            if not row["ms_passes"]:
+                row.update(ms=None, tflops=None, speedup_vs_torch_grouped_mm=None)
+            else:
+                ms = min(row["ms_passes"])
+                row.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_torch_grouped_mm=torch_ms / ms)
+            rows.append(row)
+        ok = [r for r in ours.values() if not r.get("error")]
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        auto = ours["auto"] if not ours["auto"].get("error") else None
+        spread = max(torch_times) / min(torch_times) - 1
+        print(f"{name:12s} {load:8s} {op:7s} torch={flops / torch_ms / 1e9:7.1f} TFLOP/s  "
+              + (f"auto={auto['speedup_vs_torch_grouped_mm']:.3f}x  " if auto else "auto=n/a  ")
+              + (f"best={best['config']} {best['speedup_vs_torch_grouped_mm']:.3f}x" if best
+                 else "best=n/a")
+              + f"  torch spread over passes {100 * spread:.1f}%"
+              + (f"  errors={len(ours) - len(ok)}" if len(ok) < len(ours) else ""), flush=True)
+        del expect
+    del x, dy, W, Wt
+    torch.cuda.empty_cache()
+    return rows
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def sweep_summary(rows) -> dict:
+    """Best configuration per case and per shape; configurations ranked by the geometric
+    mean of their speedup over every case (only configurations that ran every case)."""
+    ours = [r for r in rows if r["impl"] == "anyexperts"]
+    cases = {}
+    for r in ours:
+        cases.setdefault((r["shape"], r["load"], r["op"]), []).append(r)
+    best_per_case = []
+    for (shape, load, op), rs in cases.items():
+        ok = [r for r in rs if not r.get("error")]
+        auto = next((r for r in ok if r["config"] == "auto"), None)
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        best_per_case.append({
+            "shape": shape, "load": load, "op": op,
+            "best_config": best["config"] if best else None,
+            "best_speedup_vs_torch_grouped_mm": best["speedup_vs_torch_grouped_mm"] if best else None,
+            "auto_speedup_vs_torch_grouped_mm": auto["speedup_vs_torch_grouped_mm"] if auto else None,
+            "best_vs_auto": auto["ms"] / best["ms"] if best and auto else None,
+        })
+
+    def ranking(case_keys):
+        by_config = {}
+        for key in case_keys:
+            for r in cases[key]:
+                if not r.get("error"):
+                    by_config.setdefault(r["config"], []).append(r["speedup_vs_torch_grouped_mm"])
+        full = {c: v for c, v in by_config.items() if len(v) == len(case_keys)}
+        return sorted(({"config": c, "geomean_speedup_vs_torch_grouped_mm": geomean(v),
+                        "min_speedup_vs_torch_grouped_mm": min(v), "cases": len(v)}
+                       for c, v in full.items()),
+                      key=lambda e: -e["geomean_speedup_vs_torch_grouped_mm"])
+
+    shapes = sorted({k[0] for k in cases}, key=[k[0] for k in cases].index)
+    best_per_shape = []
+    for shape in shapes:
+        rank = ranking([k for k in cases if k[0] == shape])
+        auto = next((e for e in rank if e["config"] == "auto"), None)
+        best_per_shape.append({
+            "shape": shape,
+            "best_config": rank[0]["config"] if rank else None,
+            "best_geomean_speedup_vs_torch_grouped_mm":
+                rank[0]["geomean_speedup_vs_torch_grouped_mm"] if rank else None,
+            "auto_geomean_speedup_vs_torch_grouped_mm":
+                auto["geomean_speedup_vs_torch_grouped_mm"] if auto else None,
+        })
+    return {"best_per_case": best_per_case, "best_per_shape": best_per_shape,
+            "ranking_all_cases": ranking(list(cases))}
+
+
+def sweep_markdown(meta, rows, summary) -> str:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "n/a"
+
+    lines = [
+        f"# Grouped GEMM schedule sweep: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']},"
+        f" {meta['date']}",
+        "",
+        "bf16 grouped_mm (forward: column-major B = nn.Linear weight transposed; dgrad: row-major"
+        " B) under each tuning override, against torch._grouped_mm on the same inputs in the same"
+        " process. speedup = torch._grouped_mm time / ours (> 1: ours faster). Config ="
+        " schedule/raster/swizzle; `auto` is the default choice with no overrides (it equals one"
+        " of the explicit rows: their difference is the run-to-run noise).",
+        "",
+        "## Ranking over all cases (geometric mean of speedup)",
+        "",
+        "| config | geomean speedup | min speedup | cases |",
+        "|---|---:|---:|---:|",
+    ]
+    for e in summary["ranking_all_cases"]:
+        lines.append(f"| {e['config']} | {e['geomean_speedup_vs_torch_grouped_mm']:.3f}x | "
+                     f"{e['min_speedup_vs_torch_grouped_mm']:.3f}x | {e['cases']} |")
+    lines += ["", "## Best config per shape (geometric mean over loads and ops)", "",
+              "| shape | best config | geomean speedup | auto geomean speedup |",
+              "|---|---|---:|---:|"]
+    for e in summary["best_per_shape"]:
+        lines.append(f"| {e['shape']} | {e['best_config']} | "
+                     f"{f(e['best_geomean_speedup_vs_torch_grouped_mm'], '.3f')}x | "
+                     f"{f(e['auto_geomean_speedup_vs_torch_grouped_mm'], '.3f')}x |")
+    lines += ["", "## Best config per case", "",
+              "| shape | load | op | best config | speedup | auto speedup | best / auto |",
+              "|---|---|---|---|---:|---:|---:|"]
+    for e in summary["best_per_case"]:
+        lines.append(f"| {e['shape']} | {e['load']} | {e['op']} | {e['best_config']} | "
+                     f"{f(e['best_speedup_vs_torch_grouped_mm'], '.3f')}x | "
+                     f"{f(e['auto_speedup_vs_torch_grouped_mm'], '.3f')}x | "
+                     f"{f(e['best_vs_auto'], '.3f')}x |")
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += ["", "## Errors (left out of the rankings)", ""] + [
+            f"- {r['name']}: {r['error']}" for r in errors]
+    lines += ["", "## All rows", "",
+              "| shape | load | op | M x K x N | config | ms | TFLOP/s | speedup vs torch |"
+              " rel. diff |",
+              "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['load']} | {r['op']} | {r['M']}x{r['K']}x{r['N']} | {r['config']} | "
+            f"{f(r.get('ms'), '.3f')} | {f(r.get('tflops'), '.1f')} | "
+            f"{f(r.get('speedup_vs_torch_grouped_mm'), '.3f')}x | "
+            f"{f(r.get('rel_diff_vs_torch_grouped_mm'), '.1e')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(args, shapes, gen, meta) -> int:
+    why = sweep_unavailable()
+    if why:
+        print(f"bench_grouped_mm --sweep: {why}", file=sys.stderr)
+        return 2
+    if not hasattr(torch, "_grouped_mm"):
+        print("bench_grouped_mm --sweep: needs torch._grouped_mm (torch >= 2.8) as the baseline",
+              file=sys.stderr)
+        return 2
+    meta = dict(meta, benchmark="grouped_mm_sweep", ops=list(args.sweep_ops),
+                repeats=args.sweep_repeats,
+                schedules=list(args.sweep_schedules), rasters=list(args.sweep_rasters),
+                swizzles=list(args.sweep_swizzles), mismatch_tol=MISMATCH_TOL)
+    print(f"sweep: {len(sweep_configs(args))} configs x {len(shapes)} shapes x {len(LOADS)} loads"
+          f" x {len(args.sweep_ops)} ops", flush=True)
+    rows = []
+    for shape in shapes:
+        for load in LOADS:
+            rows += sweep_case(*shape, load, args, gen)
+    summary = sweep_summary(rows)
+    write_results(args.out, dict(meta, summary=summary, rows=rows),
+                  sweep_markdown(meta, rows, summary))
+    return 0
+
+
+def write_results(path, doc, md) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    md_path = os.path.splitext(path)[0] + ".md"
+    with open(md_path, "w") as f:
+        f.write(md)
+    print(f"wrote {path} and {md_path}")
+
+
+def csv_arg(kind, allowed):
+    def parse(text):
+        items = [kind(v) for v in text.split(",") if v]
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {', '.join(map(str, allowed))}")
+        return tuple(items)
+    return parse
+
+
 def markdown(meta, rows) -> str:
     lines = [
         f"# Grouped GEMM: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['date']}",
@@ -259,13 +578,33 @@ def markdown(meta, rows) -> str:
 def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(here, "results", "grouped_mm.json"))
+    p.add_argument("--out", default=None, help="JSON path (markdown beside it); default "
+                   "bench/results/grouped_mm.json, with --sweep grouped_mm_sweep.json")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--shapes", default=None, help="comma-separated subset of shape names")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", action="store_true",
+                   help="SM90 only: time grouped_mm under every schedule x raster x swizzle "
+                        "override next to torch._grouped_mm")
+    p.add_argument("--sweep-schedules", type=csv_arg(str, SWEEP_SCHEDULES),
+                   default=SWEEP_SCHEDULES, help="comma-separated subset of schedules")
+    p.add_argument("--sweep-rasters", type=csv_arg(str, ("along_m", "along_n", "heuristic")),
+                   default=SWEEP_RASTERS)
+    p.add_argument("--sweep-swizzles", type=csv_arg(int, SWEEP_SWIZZLES), default=SWEEP_SWIZZLES)
+    p.add_argument("--sweep-ops", type=csv_arg(str, SWEEP_OPS), default=SWEEP_OPS)
+    p.add_argument("--sweep-repeats", type=int, default=2,
+                   help="passes over all configurations; each keeps its fastest pass")
     args = p.parse_args()
+    if args.sweep_repeats < 1:
+        p.error("--sweep-repeats must be at least 1")
+    if args.out is None:
+        args.out = os.path.join(here, "results",
+                                "grouped_mm_sweep.json" if args.sweep else "grouped_mm.json")
+    if args.sweep and not torch.cuda.is_available():
+        print(f"bench_grouped_mm --sweep: {sweep_unavailable()}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_grouped_mm: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -287,20 +626,17 @@ def main() -> int:
         "zipf_s": ZIPF_S,
         "warmup": args.warmup,
         "iters": args.iters,
-        "schedule_override": os.environ.get("ANYEXPERTS_GROUPED_MM_SCHEDULE"),
+        "schedule_override": os.environ.get(ENV_SCHEDULE),
+        "raster_override": os.environ.get(ENV_RASTER),
+        "swizzle_override": os.environ.get(ENV_SWIZZLE),
     }
+    if args.sweep:
+        return run_sweep(args, shapes, gen, meta)
     rows = []
     for shape in shapes:
         for load in LOADS:
             rows += run_config(*shape, load, args, gen)
-    result = dict(meta, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    md_path = os.path.splitext(args.out)[0] + ".md"
-    with open(md_path, "w") as f:
-        f.write(markdown(meta, rows))
-    print(f"wrote {args.out} and {md_path}")
+    write_results(args.out, dict(meta, rows=rows), markdown(meta, rows))
     return 0
 
 

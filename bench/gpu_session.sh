@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build for sm_90a, run the tests, run the benchmarks.
 # STEPS picks stages ("build test bench" by default); logs and results go to $OUT.
+# BENCHES picks benchmarks ("routing grouped_mm" by default): routing, grouped_mm, layer,
+# or grouped_mm_sweep (bench_grouped_mm.py --sweep: every SM90 schedule x raster x swizzle
+# against torch._grouped_mm, to choose the grouped GEMM default from). The sweep alone:
+#   STEPS="build bench" BENCHES=grouped_mm_sweep bash bench/gpu_session.sh
 # CUTLASS headers come from a carried nvidia-cutlass wheel in .whl/ (the machine has no network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,9 +39,14 @@ fi
 if [[ $steps == *bench* ]]; then
   for b in ${BENCHES:-routing grouped_mm}; do
     t0=$(date +%s)
-    timeout ${BENCH_TIMEOUT:-240} python3 "bench/bench_$b.py" --out "$OUT/$b.json" \
+    case $b in
+      grouped_mm_sweep) script=bench/bench_grouped_mm.py; extra=--sweep; limit=540 ;;
+      *) script=bench/bench_$b.py; extra=; limit=240 ;;
+    esac
+    timeout ${BENCH_TIMEOUT:-$limit} python3 "$script" $extra --out "$OUT/$b.json" \
       ${BENCH_ARGS:-} >"$OUT/bench_$b.log" 2>&1
     echo "bench $b: rc=$? in $(( $(date +%s) - t0 )) s"
-    [ -f "$OUT/$b.md" ] && cat "$OUT/$b.md" || tail -20 "$OUT/bench_$b.log"
+    # The sweep's table of every row is long: show its summary (the rest is in $OUT).
+    [ -f "$OUT/$b.md" ] && sed '/^## All rows/,$d' "$OUT/$b.md" || tail -20 "$OUT/bench_$b.log"
   done
 fi

@@ -1,0 +1,137 @@
+"""bench/bench_grouped_mm.py --sweep: refuses cleanly without an SM90 GPU, runs its quick
+form on one, and sweeps exactly the schedules the dispatcher compiles (kScheduleNames in
+csrc/cuda/grouped_mm.cu). No timing assertions.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import anyexperts_ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "bench_grouped_mm.py")
+DISPATCHER = os.path.join(ROOT, "csrc", "cuda", "grouped_mm.cu")
+CUDA_TESTS = os.path.join(ROOT, "tests", "test_cuda_grouped_mm.py")
+
+
+def _env():
+    env = dict(os.environ)
+    # the package this test process imported (installed, or python/ with PYTHONPATH)
+    py = os.path.dirname(os.path.dirname(os.path.abspath(anyexperts_ops.__file__)))
+    env["PYTHONPATH"] = py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_grouped_mm_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _dispatcher_schedules() -> list[str]:
+    """Canonical names of kScheduleNames: the first name given to each sm90::Schedule."""
+    with open(DISPATCHER) as f:
+        src = f.read()
+    table = re.search(r"kScheduleNames\[\]\s*=\s*\{(.*?)\n\};", src, re.S)
+    assert table, "kScheduleNames not found in csrc/cuda/grouped_mm.cu"
+    names, seen = [], set()
+    for name, schedule in re.findall(r'\{"(\w+)",\s*sm90::Schedule::(\w+)\}', table.group(1)):
+        if schedule not in seen:
+            seen.add(schedule)
+            names.append(name)
+    return names
+
+
+def test_sweep_covers_every_compiled_schedule():
+    names = _dispatcher_schedules()
+    assert len(names) >= 2
+    bench = _load_bench()
+    assert list(bench.SWEEP_SCHEDULES) == names
+    with open(CUDA_TESTS) as f:
+        block = re.search(r"SM90_SCHEDULES = \((.*?)\)", f.read(), re.S)
+    assert block and re.findall(r'"(\w+)"', block.group(1)) == names
+
+
+@pytest.mark.skipif(_sm90(), reason="checks the refusal on machines without an SM90 GPU")
+def test_sweep_refuses_without_sm90(tmp_path):
+    out = tmp_path / "sweep.json"
+    p = _run(["--sweep", "--quick", "--out", str(out)], timeout=240)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "--sweep" in p.stderr and "SM90" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_sweep_rejects_unknown_names():
+    p = _run(["--sweep", "--sweep-schedules", "cooperative_64x64"], timeout=240)
+    assert p.returncode == 2 and "cooperative_64x64" in p.stderr, p.stderr
+
+
+def test_sweep_summary_and_markdown():
+    # The reporting half of the sweep, on made-up timings (runs on any machine).
+    bench = _load_bench()
+    rows = []
+    for shape in ("s1", "s2"):
+        for op in ("forward", "dgrad"):
+            case = dict(shape=shape, load="balanced", op=op, M=64, K=32, N=16)
+            rows.append(dict(case, name=f"{shape}/{op}/torch", impl="torch_grouped_mm",
+                             config="torch._grouped_mm", ms=1.0, tflops=1.0,
+                             speedup_vs_torch_grouped_mm=1.0))
+            for config, ms in (("auto", 1.0), ("a/along_m/sw1", 0.8), ("b/along_n/sw2", 1.25)):
+                if shape == "s2" and config == "a/along_m/sw1":
+                    ms = 2.0
+                rows.append(dict(case, name=f"{shape}/{op}/{config}", impl="anyexperts",
+                                 config=config, ms=ms, tflops=1.0 / ms,
+                                 speedup_vs_torch_grouped_mm=1.0 / ms,
+                                 rel_diff_vs_torch_grouped_mm=1e-3))
+            rows.append(dict(case, name=f"{shape}/{op}/bad", impl="anyexperts", config="bad",
+                             ms=None, tflops=None, speedup_vs_torch_grouped_mm=None,
+                             error="RuntimeError: boom"))
+    summary = bench.sweep_summary(rows)
+    best_case = {(e["shape"], e["op"]): e["best_config"] for e in summary["best_per_case"]}
+    assert best_case[("s1", "forward")] == "a/along_m/sw1"
+    assert best_case[("s2", "dgrad")] == "auto"
+    assert {e["shape"]: e["best_config"] for e in summary["best_per_shape"]} == {
+        "s1": "a/along_m/sw1", "s2": "auto"}
+    ranking = [e["config"] for e in summary["ranking_all_cases"]]
+    assert "bad" not in ranking and ranking[0] == "auto"
+    meta = dict(gpu="GPU", torch="t", cuda="c", date="d")
+    md = bench.sweep_markdown(meta, rows, summary)
+    assert "## Best config per shape" in md and "RuntimeError: boom" in md
+    assert md.index("## Errors") < md.index("## All rows")   # gpu_session.sh prints up to All rows
+
+
+@pytest.mark.skipif(not _sm90(), reason="the sweep runs on SM90 GPUs only")
+def test_sweep_quick_on_sm90(tmp_path):
+    out = tmp_path / "sweep.json"
+    p = _run(["--sweep", "--quick", "--warmup", "1", "--iters", "2", "--out", str(out)])
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    with open(out) as f:
+        doc = json.load(f)
+    assert os.path.exists(tmp_path / "sweep.md")
+    bench = _load_bench()
+    ours = [r for r in doc["rows"] if r["impl"] == "anyexperts"]
+    assert {r["schedule"] for r in ours} == set(bench.SWEEP_SCHEDULES) | {None}
+    bad = [r for r in ours if r.get("error")]
+    assert not bad, bad
+    assert all(r["speedup_vs_torch_grouped_mm"] > 0 for r in ours)
+    assert doc["summary"]["best_per_shape"] and doc["summary"]["ranking_all_cases"]
