@@ -88,11 +88,23 @@ def test_forward_and_backward_match_reference(gen, shape, dtype):
 
 
 def test_misaligned_rows_take_the_scalar_path(gen):
-    base = torch.randn(100, 2 * 64 + 1, generator=gen).to(torch.bfloat16)
-    gu = base[:, 1:]                       # 2-byte offset: no 16-byte loads possible
+    """A contiguous tensor at a 2-byte storage offset: no 16-byte access is possible."""
+    R, F = 100, 64
+    gu_h = torch.randn(R, 2 * F, generator=gen).to(torch.bfloat16)
+    dh_h = torch.randn(R, F, generator=gen).to(torch.bfloat16)
+    gu = torch.empty(R * 2 * F + 1, dtype=torch.bfloat16, device=DEV)[1:].view(R, 2 * F)
+    dh = torch.empty(R * F + 1, dtype=torch.bfloat16, device=DEV)[1:].view(R, F)
+    gu.copy_(gu_h)
+    dh.copy_(dh_h)
+    assert gu.is_contiguous() and gu.data_ptr() % 16 != 0
     off = torch.tensor([10, 90], dtype=torch.int32)
-    h = ops.swiglu(gu.to(DEV), off.to(DEV))
-    _check(h, ref.swiglu(gu.double(), off), torch.bfloat16, "misaligned h")
+    h = ops.swiglu(gu, off.to(DEV))
+    d = ops.swiglu_backward(dh, gu, off.to(DEV))
+    gu64 = gu_h.double().requires_grad_()
+    expected = ref.swiglu(gu64, off)
+    expected.backward(dh_h.double())
+    _check(h, expected.detach(), torch.bfloat16, "misaligned h")
+    _check(d, gu64.grad, torch.bfloat16, "misaligned grad_gu")
 
 
 @pytest.mark.parametrize("offsets,live", [([0, 0], 0), ([7, 3], 7), ([-5, 2], 2),

@@ -27,6 +27,8 @@ def _topk_backward_samples():
         logits, slots, mv = routing_inputs(7, 8, 4)
         ids, _ = ops.segmented_topk(logits, slots, mv, 4, 6, norm)
         yield norm, (torch.randn(7, 4), logits, ids, 6, norm)
+    # non-contiguous logits: the output is contiguous all the same (the fake must say so)
+    yield "strided-logits", (torch.randn(7, 4), logits.t().contiguous().t(), ids, 6, "selected")
 
 
 def _permute_samples():
@@ -66,6 +68,7 @@ def _swiglu_backward_samples():
     yield "fp32", (torch.randn(20, 4), torch.randn(20, 8), random_offsets(3, 20))
     yield "bf16", (torch.randn(16, 8, dtype=torch.bfloat16),
                    torch.randn(16, 16, dtype=torch.bfloat16), torch.tensor([16], dtype=torch.int32))
+    yield "strided-gu", (torch.randn(20, 4), torch.randn(8, 20).t(), random_offsets(3, 20))
 
 
 def _unpermute_samples():
@@ -83,6 +86,7 @@ def _unpermute_backward_samples():
     yield "fp32", (torch.randn(8, 6), torch.randn(30, 6), rows, torch.randn(8, 3))
     yield "bf16", (torch.randn(8, 6, dtype=torch.bfloat16),
                    torch.randn(30, 6, dtype=torch.bfloat16), rows, torch.randn(8, 3))
+    yield "strided", (torch.randn(8, 6), torch.randn(6, 30).t(), rows, torch.randn(3, 8).t())
 
 
 SAMPLERS = {

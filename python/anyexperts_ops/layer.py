@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as _reference
-from .stats import (MoEAux, RoutingRecord, load_balance_loss, router_z_loss, routing_stats,
-                    slot_counts)
+from .stats import (MoEAux, RoutingRecord, expert_counts, load_balance_loss, router_z_loss,
+                    routing_stats, slot_counts)
 
 __all__ = ["AnyExpertsConfig", "AnyExpertsMoE", "ImportancePredictor", "VIRTUAL_KINDS",
            "SLOT_MODES", "IMPORTANCE_KINDS", "BACKENDS"]
@@ -343,8 +343,9 @@ class AnyExpertsMoE(nn.Module):
     def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """out plus the virtual experts' terms: copy adds weight * x', const weight * v_j,
         zero nothing. One fused pass per kind over [T, H] in out's dtype (addcmul and
-        addmm compute in fp32 inside; the per-token coefficients are rounded to out's
-        dtype first), so virtual slots stay near-free next to the expert GEMMs."""
+        addmm compute in fp32 inside), so virtual slots stay near-free next to the expert
+        GEMMs. The price in bf16/fp16: the per-token coefficients, and the gradients that
+        flow back to them and to const_vectors, are rounded to that dtype."""
         c = self.config
         N, M = c.num_experts, c.num_virtual
         if M == 0 or not (self._copy_cols or self._const_cols):
@@ -359,7 +360,7 @@ class AnyExpertsMoE(nn.Module):
         if self._const_cols:
             out = torch.addmm(out, wv.index_select(1, self._const_idx).to(out.dtype),
                               self.const_vectors.to(out.dtype))
-        return out
+        return out.to(xh.dtype)  # addmm may run in autocast's dtype
 
     def forward(self, x: Tensor, modality: Optional[Tensor] = None
                 ) -> tuple[Tensor, MoEAux]:
@@ -377,7 +378,7 @@ class AnyExpertsMoE(nn.Module):
         zero = x2.new_zeros((), dtype=torch.float32)
         # Live real slots per expert: with align 1 the GEMM groups are exactly those.
         counts = (torch.diff(offsets, prepend=offsets.new_zeros(1)).float() if c.align == 1
-                  else None)
+                  else expert_counts(rec.ids, N))
         lb = load_balance_loss(rec.ids, rec.logits, N, counts=counts)
         zl = router_z_loss(rec.logits) if c.z_loss_coef > 0 else zero
         real, virt = slot_counts(rec.ids, N)

@@ -54,6 +54,8 @@ def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor) -> Tensor:
 
 
 # ---- fake implementations: output shapes and dtypes only -------------------------------
+# Every kernel returns contiguous tensors, so the fakes do too (new_empty, not empty_like,
+# which would copy a non-contiguous input's strides).
 
 @torch.library.register_fake("anyexperts::segmented_topk")
 def _segmented_topk_fake(logits, slots, max_virtual, k_max, num_real, norm):
@@ -64,7 +66,7 @@ def _segmented_topk_fake(logits, slots, max_virtual, k_max, num_real, norm):
 
 @torch.library.register_fake("anyexperts::segmented_topk_backward")
 def _segmented_topk_backward_fake(grad_weights, logits, ids, num_real, norm):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("anyexperts::permute")
@@ -93,7 +95,7 @@ def _swiglu_fake(gu, offsets):
 
 @torch.library.register_fake("anyexperts::swiglu_backward")
 def _swiglu_backward_fake(grad_h, gu, offsets):
-    return torch.empty_like(gu)
+    return gu.new_empty(gu.shape)
 
 
 @torch.library.register_fake("anyexperts::unpermute")
@@ -103,7 +105,7 @@ def _unpermute_fake(y, slot_rows, weights):
 
 @torch.library.register_fake("anyexperts::unpermute_backward")
 def _unpermute_backward_fake(grad_out, y, slot_rows, weights):
-    return torch.empty_like(y), torch.empty_like(weights)
+    return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
 
 # ---- autograd -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["RoutingRecord", "RoutingStats", "MoEAux", "StatsMeter",
-           "slot_counts", "routing_stats", "load_balance_loss", "router_z_loss"]
+           "slot_counts", "expert_counts", "routing_stats", "load_balance_loss", "router_z_loss"]
 
 
 @dataclass
@@ -87,7 +87,7 @@ def slot_counts(ids: Tensor, num_real: int) -> tuple[Tensor, Tensor]:
     return real, virt
 
 
-def _expert_counts(ids: Tensor, num_real: int) -> Tensor:
+def expert_counts(ids: Tensor, num_real: int) -> Tensor:
     """Live real slots per real expert, float32 [N] (static shape, no bincount)."""
     flat = ids.reshape(-1).long()
     live = (flat >= 0) & (flat < num_real)
@@ -110,7 +110,7 @@ def load_balance_loss(ids: Tensor, logits: Tensor, num_real: int,
     if T == 0 or num_real == 0:
         return logits.new_zeros((), dtype=torch.float32)
     if counts is None:
-        counts = _expert_counts(ids, num_real)
+        counts = expert_counts(ids, num_real)
     f = counts / counts.sum().clamp(min=1.0)
     P = torch.softmax(logits[:, :num_real].float(), dim=-1).mean(dim=0)
     return num_real * (f * P).sum()
@@ -138,7 +138,7 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
     real_total = real.sum()
     virt_total = virt.sum()
     if counts is None:
-        counts = _expert_counts(ids, num_real)
+        counts = expert_counts(ids, num_real)
     load = counts / counts.sum().clamp(min=1.0)
     mean_load = 1.0 / max(num_real, 1)
     imbalance = load.max() / mean_load if num_real > 0 else torch.zeros((), device=dev)

@@ -70,7 +70,7 @@ __device__ __forceinline__ T warp_max(T v) {
 }
 
 // Block reductions for blocks of whole warps (at most 32 of them). `scratch` holds one value
-// per warp; the call starts and ends with a barrier so consecutive calls may share it.
+// per warp; the call starts with a barrier, so consecutive calls may share it.
 // `warp_reduce` reduces within each warp, then over the per-warp values (lanes past the last
 // warp contribute `identity`).
 template <typename T, typename WarpReduce>
