@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build for sm_90a, run the tests, run the benchmarks.
 # STEPS picks stages ("build test bench" by default); logs and results go to $OUT.
+# TESTS picks test files (the CUDA kernels' and the layer's by default; TESTS=tests for all).
 # BENCHES picks benchmarks ("routing grouped_mm" by default): routing, grouped_mm, layer,
 # or grouped_mm_sweep (bench_grouped_mm.py --sweep: every SM90 schedule x raster x swizzle
 # against torch._grouped_mm, to choose the grouped GEMM default from). The sweep alone:
@@ -30,7 +31,7 @@ export PYTHONPATH=$PWD/python:${PYTHONPATH:-}
 if [[ $steps == *test* ]]; then
   t0=$(date +%s)
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests -q -rfEs --timeout=120 -p no:cacheprovider \
-    ${TESTS:-tests/test_cuda_routing.py tests/test_cuda_grouped_mm.py} >"$OUT/tests.log" 2>&1
+    ${TESTS:-tests/test_cuda_routing.py tests/test_cuda_grouped_mm.py tests/test_cuda_swiglu.py tests/test_layer.py} >"$OUT/tests.log" 2>&1
   echo "tests: rc=$? in $(( $(date +%s) - t0 )) s"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
