@@ -70,6 +70,22 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{_ENV_SEED}={seed} {nodeid}")
 
 
+@pytest.fixture
+def gen(_seed_everything) -> torch.Generator:
+    """A CPU generator seeded with this test's seed (so ANYEXPERTS_TEST_SEED replays it)."""
+    return torch.Generator().manual_seed(_seed_everything)
+
+
+def bench_subprocess_env() -> dict:
+    """Environment for running a bench/ script in a subprocess on the package this test
+    process imported (installed, or python/ through PYTHONPATH)."""
+    env = dict(os.environ)
+    py = os.path.dirname(os.path.dirname(os.path.abspath(anyexperts_ops.__file__)))
+    env["PYTHONPATH"] = py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 # ---- random inputs --------------------------------------------------------------------
 
 def randint(lo: int, hi: int, shape, dtype=torch.int32) -> torch.Tensor:

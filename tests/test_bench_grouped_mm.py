@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import anyexperts_ops
+from conftest import bench_subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "bench_grouped_mm.py")
@@ -22,17 +22,9 @@ DISPATCHER = os.path.join(ROOT, "csrc", "cuda", "grouped_mm.cu")
 CUDA_TESTS = os.path.join(ROOT, "tests", "test_cuda_grouped_mm.py")
 
 
-def _env():
-    env = dict(os.environ)
-    # the package this test process imported (installed, or python/ with PYTHONPATH)
-    py = os.path.dirname(os.path.dirname(os.path.abspath(anyexperts_ops.__file__)))
-    env["PYTHONPATH"] = py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
 
 def _run(args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(),
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=bench_subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

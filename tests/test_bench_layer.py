@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import anyexperts_ops
+from conftest import bench_subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -27,17 +27,9 @@ STAGES = ("importance", "router", "segmented_topk", "permute", "gemm1", "activat
           "unpermute", "losses")
 
 
-def _env():
-    env = dict(os.environ)
-    # the package this test process imported (installed, or python/ with PYTHONPATH)
-    py = os.path.dirname(os.path.dirname(os.path.abspath(anyexperts_ops.__file__)))
-    env["PYTHONPATH"] = py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
 
 def _run(args, timeout=240):
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=bench_subprocess_env(), capture_output=True,
                        text=True, timeout=timeout)
     assert p.returncode == 0, f"{args} failed (rc={p.returncode}):\n{p.stdout[-3000:]}\n" \
                               f"{p.stderr[-3000:]}"

@@ -3,9 +3,6 @@
 large R, opcheck, CUDA-graph replay and bitwise repeatability."""
 from __future__ import annotations
 
-import os
-import random
-
 import pytest
 import torch
 
@@ -18,14 +15,6 @@ pytestmark = [pytest.mark.cuda,
 ops = torch.ops.anyexperts
 DEV = "cuda"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-@pytest.fixture
-def gen():
-    env = os.environ.get("ANYEXPERTS_TEST_SEED")
-    seed = int(env) if env else random.SystemRandom().randrange(2**31)
-    print(f"seed {seed}: replay with ANYEXPERTS_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def _offsets(gen, G, R):
