@@ -108,7 +108,7 @@ def test_offsets_clamped_by_rule(gen, offsets, live):
 
 
 def test_large_rows(gen):
-    R, F = 1 << 20, 64                     # > kMaxBlocks * 256 vectors: grid-stride loop
+    R, F = 1 << 20, 64                     # more rows than warps in the grid: grid-stride loop
     gu = torch.randn(R, 2 * F, generator=gen, dtype=torch.bfloat16).to(DEV)
     off = torch.tensor([R // 3, R - 1000], dtype=torch.int32, device=DEV)
     h = ops.swiglu(gu, off)

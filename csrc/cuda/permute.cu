@@ -46,12 +46,6 @@ __device__ __forceinline__ int live_key(const int32_t* ids, int64_t i, int64_t s
   return is_live(e, num_real) ? e : -1;
 }
 
-__device__ __forceinline__ int64_t warp_id() {
-  return int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp;
-}
-
-__device__ __forceinline__ int64_t warp_count() { return int64_t{gridDim.x} * kWarpsPerBlock; }
-
 // counts[e][chunk] (zeroed) += live slots of expert e in the chunk. Only this warp touches
 // its chunk's counters; the leader lane of each expert group updates them, and the
 // __syncwarp orders one step's update before the next step's (maybe other) leader reads.
@@ -59,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
     count_kernel(const int32_t* __restrict__ ids, int64_t slots, int num_real, int64_t chunks,
                  int32_t* __restrict__ counts) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t chunk = warp_id();
+  const int64_t chunk = cuda::global_warp();
   if (chunk >= chunks) return;
   for (int step = 0; step < kChunkSteps; ++step) {
     const int e = live_key(ids, chunk * kChunk + step * kWarp + lane, slots, num_real);
@@ -116,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
                    int32_t* __restrict__ row_token) {
   const int lane = threadIdx.x % kWarp;
   const unsigned lanes_below = (1u << lane) - 1;
-  const int64_t chunk = warp_id();
+  const int64_t chunk = cuda::global_warp();
   if (chunk >= chunks) return;
   for (int step = 0; step < kChunkSteps; ++step) {
     const int64_t i = chunk * kChunk + step * kWarp + lane;
@@ -144,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
     gather_kernel(const Unit* __restrict__ x, const int32_t* __restrict__ row_token,
                   Unit* __restrict__ x_perm, int64_t rows, int64_t units_per_row) {
   const int lane = threadIdx.x % kWarp;
-  for (int64_t r = warp_id(); r < rows; r += warp_count()) {
+  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
     const int32_t t = row_token[r];
     const Unit* src = t >= 0 ? x + t * units_per_row : nullptr;
     Unit* dst = x_perm + r * units_per_row;

@@ -1,10 +1,10 @@
 // swiglu and its backward on CUDA: h = silu(gate) * up over the rows of some group, zero
 // past the last group (the rows a static-shape MoE layer allocates but does not use).
 //
-// A grid-stride loop of one thread per 16-byte vector of h where alignment allows. Each
-// block first finds the live end itself, a max over the G offsets (live_rows, rules.h),
-// so the op is one launch with no host sync. Dead rows are written as zeros without
-// reading gu: their cost is the zero store only, whatever the input holds there.
+// One warp per row in a grid-stride loop, lanes over the row's 16-byte vectors where
+// alignment allows. Each block first finds the live end itself, a max over the G offsets
+// (live_rows, rules.h), so the op is one launch with no host sync. Dead rows are written
+// as zeros without reading gu: their cost is the zero store only, whatever gu holds there.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,8 +27,9 @@ using cuda::opmath_t;
 using cuda::Pack;
 
 constexpr int kThreads = 256;
-// Enough blocks to fill any current GPU several times over; fewer blocks would read the
-// offsets fewer times, more would not run any sooner.
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+// Enough blocks to fill any current GPU several times over; fewer blocks read the offsets
+// fewer times, more would not run any sooner.
 constexpr int64_t kMaxBlocks = 4096;
 
 // live_rows(offsets, groups, rows) computed by the whole block: max(0, offsets...) clamped
@@ -42,12 +43,6 @@ __device__ __forceinline__ int64_t block_live_rows(const int32_t* __restrict__ o
   return end < rows ? end : rows;
 }
 
-__device__ __forceinline__ int64_t thread_index() {
-  return int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ int64_t thread_count() { return int64_t{gridDim.x} * blockDim.x; }
-
 // gu rows are [gate | up], `vecs` vectors each half; h rows are `vecs` vectors.
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
@@ -57,22 +52,26 @@ __global__ void __launch_bounds__(kThreads)
   using V = Pack<scalar_t, kVec>;
   __shared__ int64_t scratch[kWarp];
   const int64_t live = block_live_rows(offsets, groups, rows, scratch);
-  const V* in = reinterpret_cast<const V*>(gu);
-  V* out = reinterpret_cast<V*>(h);
-  for (int64_t i = thread_index(); i < rows * vecs; i += thread_count()) {
-    const int64_t r = i / vecs;
-    const int64_t v = i - r * vecs;
-    V o{};
-    if (r < live) {
-      const V gate = in[r * 2 * vecs + v];
-      const V up = in[r * 2 * vecs + vecs + v];
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
+    V* out = reinterpret_cast<V*>(h) + r * vecs;
+    if (r >= live) {
+      for (int64_t v = lane; v < vecs; v += kWarp) out[v] = V{};
+      continue;
+    }
+    const V* gate = reinterpret_cast<const V*>(gu) + r * 2 * vecs;
+    const V* up = gate + vecs;
+    for (int64_t v = lane; v < vecs; v += kWarp) {
+      const V g = gate[v];
+      const V u = up[v];
+      V o;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
         o.v[e] = static_cast<scalar_t>(
-            swiglu_value(static_cast<acc_t>(gate.v[e]), static_cast<acc_t>(up.v[e])));
+            swiglu_value(static_cast<acc_t>(g.v[e]), static_cast<acc_t>(u.v[e])));
       }
+      out[v] = o;
     }
-    out[i] = o;
   }
 }
 
@@ -85,34 +84,39 @@ __global__ void __launch_bounds__(kThreads)
   using V = Pack<scalar_t, kVec>;
   __shared__ int64_t scratch[kWarp];
   const int64_t live = block_live_rows(offsets, groups, rows, scratch);
-  const V* dh = reinterpret_cast<const V*>(grad_h);
-  const V* in = reinterpret_cast<const V*>(gu);
-  V* out = reinterpret_cast<V*>(grad_gu);
-  for (int64_t i = thread_index(); i < rows * vecs; i += thread_count()) {
-    const int64_t r = i / vecs;
-    const int64_t v = i - r * vecs;
-    V d_gate{}, d_up{};
-    if (r < live) {
-      const V g = dh[i];
-      const V gate = in[r * 2 * vecs + v];
-      const V up = in[r * 2 * vecs + vecs + v];
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
+    V* d_gate = reinterpret_cast<V*>(grad_gu) + r * 2 * vecs;
+    V* d_up = d_gate + vecs;
+    if (r >= live) {
+      for (int64_t v = lane; v < vecs; v += kWarp) d_gate[v] = d_up[v] = V{};
+      continue;
+    }
+    const V* dh = reinterpret_cast<const V*>(grad_h) + r * vecs;
+    const V* gate = reinterpret_cast<const V*>(gu) + r * 2 * vecs;
+    const V* up = gate + vecs;
+    for (int64_t v = lane; v < vecs; v += kWarp) {
+      const V d = dh[v];
+      const V g = gate[v];
+      const V u = up[v];
+      V dg, du;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        const auto d = swiglu_grad(static_cast<acc_t>(g.v[e]), static_cast<acc_t>(gate.v[e]),
-                                   static_cast<acc_t>(up.v[e]));
-        d_gate.v[e] = static_cast<scalar_t>(d.gate);
-        d_up.v[e] = static_cast<scalar_t>(d.up);
+        const auto grad = swiglu_grad(static_cast<acc_t>(d.v[e]), static_cast<acc_t>(g.v[e]),
+                                      static_cast<acc_t>(u.v[e]));
+        dg.v[e] = static_cast<scalar_t>(grad.gate);
+        du.v[e] = static_cast<scalar_t>(grad.up);
       }
+      d_gate[v] = dg;
+      d_up[v] = du;
     }
-    out[r * 2 * vecs + v] = d_gate;
-    out[r * 2 * vecs + vecs + v] = d_up;
   }
 }
 
 // ---- host -----------------------------------------------------------------------------
 
-unsigned blocks_for(int64_t items) {
-  return static_cast<unsigned>(std::min<int64_t>(cuda::grid_for(items, kThreads), kMaxBlocks));
+unsigned blocks_for(int64_t rows) {
+  return static_cast<unsigned>(std::min<int64_t>(cuda::grid_for(rows, kWarpsPerBlock), kMaxBlocks));
 }
 
 at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets) {
@@ -132,7 +136,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets) {
     cuda::with_vec<scalar_t>(vec, [&](auto kv) {
       constexpr int kVec = decltype(kv)::value;
       const int64_t vecs = width / kVec;
-      swiglu_kernel<scalar_t, kVec><<<blocks_for(rows * vecs), kThreads, 0, stream>>>(
+      swiglu_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
           gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<int32_t>(),
           h.mutable_data_ptr<scalar_t>(), oc.size(0), rows, vecs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -162,7 +166,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_h, const at::Tensor& gu,
     cuda::with_vec<scalar_t>(vec, [&](auto kv) {
       constexpr int kVec = decltype(kv)::value;
       const int64_t vecs = width / kVec;
-      swiglu_backward_kernel<scalar_t, kVec><<<blocks_for(rows * vecs), kThreads, 0, stream>>>(
+      swiglu_backward_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
           dc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
           oc.const_data_ptr<int32_t>(), grad_gu.mutable_data_ptr<scalar_t>(), oc.size(0), rows,
           vecs);

@@ -33,12 +33,6 @@ constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int kSlotBatch = 4;  // slot rows loaded before any is accumulated, for overlap
 
-__device__ __forceinline__ int64_t warp_id() {
-  return int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp;
-}
-
-__device__ __forceinline__ int64_t warp_count() { return int64_t{gridDim.x} * kWarpsPerBlock; }
-
 template <typename scalar_t, typename weight_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     unpermute_kernel(const scalar_t* __restrict__ y, const int32_t* __restrict__ slot_rows,
@@ -49,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
   const V* yv = reinterpret_cast<const V*>(y);
   V* ov = reinterpret_cast<V*>(out);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t t = warp_id(); t < tokens; t += warp_count()) {
+  for (int64_t t = cuda::global_warp(); t < tokens; t += cuda::global_warp_count()) {
     const int32_t* token_rows = slot_rows + t * k;
     const weight_t* token_weights = weights + t * k;
     for (int64_t v = lane; v < vecs; v += kWarp) {
@@ -103,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
   const V* yv = reinterpret_cast<const V*>(y);
   V* gyv = reinterpret_cast<V*>(grad_y);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t s = warp_id(); s < slots; s += warp_count()) {
+  for (int64_t s = cuda::global_warp(); s < slots; s += cuda::global_warp_count()) {
     const int32_t r = slot_rows[s];
     if (!is_live_row(r, rows)) {
       if (lane == 0) grad_weights[s] = 0;
@@ -139,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   using V = Pack<scalar_t, kVec>;
   V* gyv = reinterpret_cast<V*>(grad_y);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t r = warp_id(); r < rows; r += warp_count()) {
+  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
     if (referenced[r]) continue;
     for (int64_t v = lane; v < vecs; v += kWarp) gyv[r * vecs + v] = V{};
   }

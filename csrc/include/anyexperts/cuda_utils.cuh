@@ -32,6 +32,16 @@ inline unsigned grid_for(int64_t n, int per_block) {
   return static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, kMaxBlocks));
 }
 
+// Grid-stride loops with one warp per item (blocks of whole warps): this warp's first item,
+// and the stride, the number of warps in the grid.
+__device__ __forceinline__ int64_t global_warp() {
+  return (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / kWarp;
+}
+
+__device__ __forceinline__ int64_t global_warp_count() {
+  return int64_t{gridDim.x} * blockDim.x / kWarp;
+}
+
 // Accumulation type of the contract: fp32, or fp64 for fp64 data (reference._opmath).
 template <typename T>
 struct OpMath {
