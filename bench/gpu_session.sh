@@ -3,7 +3,8 @@
 # STEPS picks stages ("build test bench" by default); logs and results go to $OUT.
 # TESTS picks test files (the CUDA kernels' and the layer's by default; TESTS=tests for all).
 # BENCHES picks benchmarks ("routing grouped_mm" by default): routing, grouped_mm, layer,
-# or grouped_mm_sweep (bench_grouped_mm.py --sweep: every SM90 schedule x raster x swizzle
+# profile (bench/profile.py at E128: AnyExperts Avg-K 4.8 and static top-8), or
+# grouped_mm_sweep (bench_grouped_mm.py --sweep: every SM90 schedule x raster x swizzle
 # against torch._grouped_mm, to choose the grouped GEMM default from). The sweep alone:
 #   STEPS="build bench" BENCHES=grouped_mm_sweep bash bench/gpu_session.sh
 # CUTLASS headers come from a carried nvidia-cutlass wheel in .whl/ (the machine has no network).
@@ -41,6 +42,13 @@ if [[ $steps == *bench* ]]; then
   for b in ${BENCHES:-routing grouped_mm}; do
     t0=$(date +%s)
     case $b in
+      profile)  # per-stage table of one E128 AnyExperts step (Avg-K 4.8) and of static top-8
+        for v in anyexperts static; do
+          timeout ${BENCH_TIMEOUT:-180} python3 bench/profile.py --shape e128 --variant $v \
+            --profiler torch --json "$OUT/profile_e128_$v.json" >"$OUT/profile_e128_$v.txt" 2>&1
+          echo "profile $v: rc=$?"; grep -A 14 "^Per-stage" "$OUT/profile_e128_$v.txt"
+        done
+        continue ;;
       grouped_mm_sweep) script=bench/bench_grouped_mm.py; extra=--sweep; limit=540 ;;
       *) script=bench/bench_$b.py; extra=; limit=240 ;;
     esac
