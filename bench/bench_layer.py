@@ -5,6 +5,8 @@ One run per shape measures, side by side (same input, same expert weights):
   * ``anyexperts``          the layer (anyexperts_ops.layer.AnyExpertsMoE, importance slots,
                             virtual experts) calibrated to each Avg-K real target
                             (``set_budget(avg, x)`` on the benchmark batch);
+  * ``anyexperts_tight_k``  the same layer and weights with K in [top_k/4, top_k] at the
+                            lowest Avg-K: what the configured K_max's static rows cost;
   * ``static_topk``         the same layer class and kernels at static top-K (K = top_k);
   * ``weight0_virtual``     the AnyExperts routing with virtual slots sent to a real expert
                             with weight 0 instead of masked (bench/baselines.py);
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -121,6 +124,13 @@ def parse_shape(spec: str) -> tuple[str, dict]:
     if missing:
         raise ValueError(f"shape {spec!r} lacks {sorted(missing)}")
     return shape_name(out), out
+
+
+def tight_k_range(s: dict) -> tuple[int, int]:
+    """A tighter AnyExperts K range for the lowest budget: K_max = top-k (so the layer's
+    static rows R = T*K_max equal static top-K's), K_min = top-k / 4."""
+    k = s["top_k"]
+    return max(1, k // 4), min(s["E"], k)
 
 
 def k_plan(s: dict, base=AVGK_BASE) -> dict:
@@ -717,6 +727,8 @@ class Suite:
                     self.layer_rows(wb, layer, x, dy, layer_call(layer), inner=inner)
                 del ref_any
             del any_rows
+        if "tight" in wanted:
+            self.tight_rows(base, s, plan, layer, x, dy, layer_call)
         layer.set_budget(None)
 
         # torchtitan-style torch._grouped_mm pipeline, static top-K
@@ -757,6 +769,34 @@ class Suite:
         _free(self.device)
         self._finish(rows)
         return rows
+
+    def tight_rows(self, base, s, plan, layer, x, dy, layer_call):
+        """The AnyExperts layer (same weights) with K in tight_k_range at the lowest Avg-K
+        target: what the static rows R = T*K_max cost, beside the configured range's row.
+        Informative only; the issue's rows use the configured K range."""
+        k_min, k_max = tight_k_range(s)
+        target = min(plan["targets"])
+        b = dict(base, name=f"anyexperts avg-k {target:g}, K in [{k_min}, {k_max}]",
+                 variant="anyexperts_tight_k", target_avg_k=target,
+                 impl=f"anyexperts_ops layer, importance slots K in [{k_min}, {k_max}], "
+                      f"same weights as the configured layer")
+        try:
+            cfg = dataclasses.replace(layer.config, k_min=k_min, k_max=k_max,
+                                      target_avg_k=target)
+            tight = AnyExpertsMoE(cfg, device=x.device, dtype=x.dtype).eval()
+            for name in ("w_gate_up", "w_down", "const_vectors", "router", "importance"):
+                setattr(tight, name, getattr(layer, name))   # shared, not copied
+            b["calibrated_avg_real"] = tight.set_budget(target, x)
+            real, virt = slot_counts(tight.route(x).ids, s["E"])
+            b.update(avg_real_experts=float(real.float().mean()),
+                     avg_virtual_experts=float(virt.float().mean()))
+        except Exception as e:  # noqa: BLE001
+            for mode in ("fwd", "fwd_bwd"):
+                self.rows.append(dict(b, mode=mode, error=f"setup failed: {_err(e)}"))
+            self.write()
+            return
+        self.layer_rows(b, tight, x, dy, layer_call(tight))
+        del tight
 
     def baseline_rows(self, base, variant, build, x, dy, ref_out, slow):
         names = {"grouped_mm_pipeline": "torch._grouped_mm pipeline",
@@ -1026,8 +1066,8 @@ def build_argparser() -> argparse.ArgumentParser:
                         "lowest)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (CPU runs on busy machines: 1)")
-    p.add_argument("--variants", default="static,anyexperts,weight0,gmm,eager",
-                   help="subset of static,anyexperts,weight0,gmm,eager")
+    p.add_argument("--variants", default="static,anyexperts,weight0,tight,gmm,eager",
+                   help="subset of static,anyexperts,weight0,tight,gmm,eager")
     p.add_argument("--torch-gmm", choices=("auto", "on", "off"), default="auto",
                    help="torch._grouped_mm in the pipeline baseline: auto = on for CUDA "
                         "(when a probe call works), off on CPU (per-group loop)")

@@ -22,6 +22,7 @@ STYLE = {  # variant: (label, marker, linestyle, color)
     "anyexperts": ("AnyExperts (masked virtual/unused slots)", "o", "-", "tab:blue"),
     "weight0_virtual": ("virtual slots -> real expert, weight 0", "v", "--", "tab:orange"),
     "weight0_all": ("virtual + unused slots -> real expert, weight 0", "^", "--", "tab:green"),
+    "anyexperts_tight_k": ("AnyExperts, K_max = top-K", "P", "", "tab:cyan"),
     "static_topk": ("static top-K, same layer", "s", "", "tab:red"),
     "grouped_mm_pipeline": ("torch._grouped_mm pipeline", "D", "", "tab:purple"),
     "eager_loop": ("eager per-expert loop (HF)", "X", "", "tab:brown"),

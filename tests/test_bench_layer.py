@@ -63,7 +63,8 @@ def test_quick_suite_schema(quick_results):
     assert os.path.exists(os.path.splitext(path)[0] + ".md")
     shapes = {s["name"]: s for s in doc["shapes"]}
     assert len(shapes) == 2
-    variants = {"static_topk", "anyexperts", "weight0_all", "grouped_mm_pipeline", "eager_loop"}
+    variants = {"static_topk", "anyexperts", "anyexperts_tight_k", "weight0_all",
+                "grouped_mm_pipeline", "eager_loop"}
     for name, s in shapes.items():
         rows = [r for r in doc["rows"] if r["shape"] == name]
         assert {r["variant"] for r in rows} >= variants, name
@@ -78,7 +79,8 @@ def test_quick_suite_schema(quick_results):
             assert r["time_ms"] > 0 and r["time_ratio_vs_static_topk"] > 0
             assert r["peak_mem_bytes"] is None          # CPU: no peak memory
         for r in rows:
-            if r["variant"] in ("anyexperts", "static_topk", "weight0_all", "weight0_virtual"):
+            if r["variant"] in ("anyexperts", "anyexperts_tight_k", "static_topk", "weight0_all",
+                                "weight0_virtual"):
                 assert r.get("expert_compute_ms") is not None, r["name"]
                 assert "routing_overhead_frac" in r
                 assert r["gemm_rows"] >= 0
@@ -87,6 +89,11 @@ def test_quick_suite_schema(quick_results):
             if r["variant"] == "anyexperts":
                 assert abs(r["avg_real_experts"] - r["target_avg_k"]) <= 0.03 * r["target_avg_k"]
                 assert s["k_min"] - 1 <= r["avg_real_experts"] <= s["k_max"]
+            if r["variant"] == "anyexperts_tight_k":   # the lowest budget, K_max = top-k
+                assert r["target_avg_k"] == min(s["avg_k_targets"])
+                assert abs(r["avg_real_experts"] - r["target_avg_k"]) <= 0.03 * r["target_avg_k"]
+                if r["mode"] == "fwd":   # the static rows R = T*K_max of the tight range
+                    assert r["gemm_rows_capacity"] == s["T"] * min(s["top_k"], s["E"])
             if r["variant"] == "static_topk":
                 assert r["time_ratio_vs_static_topk"] == pytest.approx(1.0)
             if r["variant"] == "weight0_all":   # every slot up to K_max computed
