@@ -5,24 +5,13 @@
 namespace anyexperts::sm90 {
 namespace {
 
-using ElementA = cutlass::half_t;                 // a[R,K]
-using LayoutA = cutlass::layout::RowMajor;        //   K contiguous
-using ElementB = cutlass::half_t;                 // b[g], a K x N matrix
-using LayoutBRow = cutlass::layout::RowMajor;     //   [G,K,N] storage: N contiguous
-using LayoutBCol = cutlass::layout::ColumnMajor;  //   transposed [G,N,K] storage: K contiguous
-using ElementD = cutlass::half_t;                 // out[R,N]
-using LayoutD = cutlass::layout::RowMajor;        //   N contiguous
-using ElementAccumulator = float;
+using Element = cutlass::half_t;
 using Config = detail::CooperativeConfig;
-
-using GemmRow = detail::GroupedGemm<ElementA, LayoutA, ElementB, LayoutBRow, ElementD, LayoutD,
-                                    ElementAccumulator, Config>;
-using GemmCol = detail::GroupedGemm<ElementA, LayoutA, ElementB, LayoutBCol, ElementD, LayoutD,
-                                    ElementAccumulator, Config>;
+using Gemms = detail::ForwardGemms<Element, Config>;
 
 }  // namespace
 
-AE_SM90_FORWARD_KERNEL(forward_fp16_rowmajor_cooperative, GemmRow)
-AE_SM90_FORWARD_KERNEL(forward_fp16_colmajor_cooperative, GemmCol)
+AE_SM90_FORWARD_KERNEL(forward_fp16_rowmajor_cooperative, Gemms::Row)
+AE_SM90_FORWARD_KERNEL(forward_fp16_colmajor_cooperative, Gemms::Col)
 
 }  // namespace anyexperts::sm90

@@ -111,6 +111,21 @@ struct GroupedGemm {
   using StrideD = typename Kernel::InternalStrideD;
 };
 
+// The forward (and dgrad) GEMMs of one element type and schedule, one per layout of b[g]
+// (a K x N matrix): a[R,K] row-major (K contiguous), out[R,N] row-major, fp32 accumulation.
+// Each grouped_mm_fwd_*.cu file picks Element and Config and instantiates both.
+template <class Element, class Config>
+struct ForwardGemms {
+  using RowMajor = cutlass::layout::RowMajor;
+  using ColumnMajor = cutlass::layout::ColumnMajor;
+  // b as [G,K,N] storage: N contiguous
+  using Row =
+      GroupedGemm<Element, RowMajor, Element, RowMajor, Element, RowMajor, float, Config>;
+  // b as a transposed view of [G,N,K] storage (nn.Linear): K contiguous
+  using Col =
+      GroupedGemm<Element, RowMajor, Element, ColumnMajor, Element, RowMajor, float, Config>;
+};
+
 // Each stride here is rank 3 (outer, inner, batch=_0) with one unit mode and one dynamic
 // mode: set the dynamic one (the leading dimension).
 template <class Stride>
