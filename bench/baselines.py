@@ -268,7 +268,7 @@ class Weight0Backend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def permute(self, x: Tensor, ids: Tensor, num_real: int, align: int = 1):
+    def permute(self, x: Tensor, ids: Tensor, num_real: int, align: int = 1, **kw):
         T, K = ids.shape
         real = (ids >= 0) & (ids < num_real)
         swap = ids >= num_real if self.mode == "virtual" else ~real
@@ -276,10 +276,10 @@ class Weight0Backend:
                   % num_real).to(ids.dtype)
         self._keep = real
         return self.inner.permute(x, torch.where(swap, spread, ids).contiguous(), num_real,
-                                  align)
+                                  align, **kw)
 
-    def unpermute(self, y: Tensor, slot_rows: Tensor, weights: Tensor):
+    def unpermute(self, y: Tensor, slot_rows: Tensor, weights: Tensor, **kw):
         keep, self._keep = self._keep, None
         if keep is not None:
             weights = torch.where(keep, weights, torch.zeros_like(weights))
-        return self.inner.unpermute(y, slot_rows, weights.contiguous())
+        return self.inner.unpermute(y, slot_rows, weights.contiguous(), **kw)

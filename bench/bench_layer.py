@@ -254,21 +254,21 @@ class StageBackend:
             self.captured = dict(x_perm=out[0].detach(), offsets=out[1].detach())
         return out
 
-    def grouped_mm(self, a, b, offsets):
+    def grouped_mm(self, a, b, offsets, **kw):
         self._gemm += 1
         name = "gemm1" if self._gemm == 1 else "gemm2"
         if name == "gemm2":
             self._bwd(a, "activation")
         self._sw(name)
-        out = self.inner.grouped_mm(a, b, offsets)
+        out = self.inner.grouped_mm(a, b, offsets, **kw)
         self._bwd(out, name)
         if name == "gemm1":
             self._sw("activation")
         return out
 
-    def unpermute(self, y, slot_rows, weights):
+    def unpermute(self, y, slot_rows, weights, **kw):
         self._sw("unpermute")
-        out = self.inner.unpermute(y, slot_rows, weights)
+        out = self.inner.unpermute(y, slot_rows, weights, **kw)
         self._bwd(out, "unpermute")
         return out
 
@@ -581,7 +581,7 @@ class Suite:
 
     def expert_compute(self, layer, x, dy_rows_seed: int, inner=None) -> dict:
         """Times gemm1 + activation + gemm2 alone on the rows the layer's permute produced
-        (same ops as AnyExpertsMoE._experts). Returns per-mode fields."""
+        (same ops and dead-row flags as AnyExpertsMoE._experts). Returns per-mode fields."""
         with torch.no_grad(), LayerProbe(layer, capture=True, inner=inner) as pr:
             layer(x)
             cap = pr.backend.captured
@@ -594,17 +594,19 @@ class Suite:
         gemm_rows = int(offsets[-1]) if offsets.numel() else 0
         T = x.shape[0]
 
+        dead = dict(zero_tail=False)
+
         def chain(a):
-            gu = ae_ops.grouped_mm(a, wgu, offsets)
-            return ae_ops.grouped_mm(ae_ops.swiglu(gu, offsets), wd, offsets)
+            gu = ae_ops.grouped_mm(a, wgu, offsets, **dead)
+            return ae_ops.grouped_mm(ae_ops.swiglu(gu, offsets, **dead), wd, offsets, **dead)
 
         res = {"fwd": {}, "fwd_bwd": {}}
         with torch.no_grad():
-            gu = ae_ops.grouped_mm(x_perm, wgu, offsets)
-            h = ae_ops.swiglu(gu, offsets)
-            t1 = self.measure(lambda: ae_ops.grouped_mm(x_perm, wgu, offsets), sub=True)
-            ta = self.measure(lambda: ae_ops.swiglu(gu, offsets), sub=True)
-            t2 = self.measure(lambda: ae_ops.grouped_mm(h, wd, offsets), sub=True)
+            gu = ae_ops.grouped_mm(x_perm, wgu, offsets, **dead)
+            h = ae_ops.swiglu(gu, offsets, **dead)
+            t1 = self.measure(lambda: ae_ops.grouped_mm(x_perm, wgu, offsets, **dead), sub=True)
+            ta = self.measure(lambda: ae_ops.swiglu(gu, offsets, **dead), sub=True)
+            t2 = self.measure(lambda: ae_ops.grouped_mm(h, wd, offsets, **dead), sub=True)
             tc = self.measure(lambda: chain(x_perm), sub=True)
             del gu, h
         res["fwd"] = dict(gemm1_ms=t1["time_ms"], activation_ms=ta["time_ms"],

@@ -1,6 +1,10 @@
 // The op schemas of torch.ops.anyexperts, in one place (DESIGN.md section 3). The CPU and
 // CUDA kernels register their implementations in csrc/cpu and csrc/cuda; fake (meta)
 // implementations and autograd live beside the Python wrappers in anyexperts_ops/ops.py.
+//
+// zero_tail / zero_unreferenced (keyword-only, default true: the DESIGN.md contract) let a
+// caller that never reads the rows past the last group skip writing them; README, "Dead
+// rows".
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,14 +24,18 @@ TORCH_LIBRARY(anyexperts, m) {
       "segmented_topk_backward(Tensor grad_weights, Tensor logits, Tensor ids, int num_real, "
       "str norm) -> Tensor");
   m.def(
-      "permute(Tensor x, Tensor ids, int num_real, int align) -> "
+      "permute(Tensor x, Tensor ids, int num_real, int align, *, bool zero_tail=True) -> "
       "(Tensor x_perm, Tensor offsets, Tensor slot_rows)");
-  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets, *, bool zero_tail=True) -> Tensor");
   m.def("grouped_mm_wgrad(Tensor a, Tensor dout, Tensor offsets) -> Tensor");
-  m.def("swiglu(Tensor gu, Tensor offsets) -> Tensor");
-  m.def("swiglu_backward(Tensor grad_h, Tensor gu, Tensor offsets) -> Tensor");
-  m.def("unpermute(Tensor y, Tensor slot_rows, Tensor weights) -> Tensor");
+  m.def("swiglu(Tensor gu, Tensor offsets, *, bool zero_tail=True) -> Tensor");
   m.def(
-      "unpermute_backward(Tensor grad_out, Tensor y, Tensor slot_rows, Tensor weights) -> "
-      "(Tensor grad_y, Tensor grad_weights)");
+      "swiglu_backward(Tensor grad_h, Tensor gu, Tensor offsets, *, bool zero_tail=True) -> "
+      "Tensor");
+  m.def(
+      "unpermute(Tensor y, Tensor slot_rows, Tensor weights, *, bool zero_unreferenced=True) "
+      "-> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor slot_rows, Tensor weights, *, "
+      "bool zero_unreferenced=True) -> (Tensor grad_y, Tensor grad_weights)");
 }

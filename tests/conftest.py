@@ -295,12 +295,12 @@ def check_float(actual, expected64, dtype, what=""):
         assert_rel_norm(actual, expected64, what)
 
 
-def poison_allocator(*shapes_dtypes):
-    """Allocates NaN-filled blocks of the given sizes and frees them, so that an op which
-    returns uninitialised memory from the allocator is likely to return NaNs."""
-    blocks = [torch.full(s, float("nan"), dtype=d) for s, d in shapes_dtypes
+def poison_allocator(*shapes_dtypes, device="cpu"):
+    """Allocates NaN-filled blocks of the given sizes on `device` and frees them, so that an
+    op which returns uninitialised memory from the allocator is likely to return NaNs."""
+    blocks = [torch.full(s, float("nan"), dtype=d, device=device) for s, d in shapes_dtypes
               if d.is_floating_point]
-    blocks += [torch.full(s, -12345, dtype=d) for s, d in shapes_dtypes
+    blocks += [torch.full(s, -12345, dtype=d, device=device) for s, d in shapes_dtypes
                if not d.is_floating_point]
     del blocks
 

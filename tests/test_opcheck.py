@@ -106,9 +106,10 @@ ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic")
 
 
-def _opcheck(name, label, args, test_utils=ALL_UTILS):
+def _opcheck(name, label, args, test_utils=ALL_UTILS, kwargs=None):
     try:
-        torch.library.opcheck(getattr(ops, name).default, args, test_utils=test_utils)
+        torch.library.opcheck(getattr(ops, name).default, args, kwargs,
+                              test_utils=test_utils)
     except Exception as e:  # name the sample that failed
         raise AssertionError(f"opcheck {name} [{label}]: {e}") from e
 
@@ -131,6 +132,46 @@ def test_opcheck(name):
             _opcheck(name, label, args)
         n += 1
     assert n > 0
+
+
+def _dead_row_samples():
+    """(op, label, args, kwargs, dead rows?) with the dead-row flags off. Where every row is
+    live the outputs are fully specified and every check runs, AOT dispatch included; where
+    dead rows exist they are unspecified (eager and AOT may differ there), so AOT dispatch,
+    which compares the two, is left out."""
+    off_all = torch.tensor([5, 5, 12], dtype=torch.int32)          # R = 12: no dead row
+    off_dead = torch.tensor([5, 5, 9], dtype=torch.int32)          # rows 9..11 dead
+    ids_all = randint(0, 3, (6, 2))                                 # every slot live
+    for label, ids in (("all-live", ids_all), ("dead", random_ids(6, 2, 4))):
+        yield ("permute", label, (torch.randn(6, 5, requires_grad=True), ids, 4, 1),
+               dict(zero_tail=False), label == "dead")
+    for label, off in (("all-live", off_all), ("dead", off_dead)):
+        dead = label == "dead"
+        yield ("grouped_mm", label, (torch.randn(12, 8, requires_grad=True),
+                                     torch.randn(3, 6, 8, requires_grad=True).transpose(1, 2),
+                                     off), dict(zero_tail=False), dead)
+        yield ("swiglu", label, (torch.randn(12, 8, requires_grad=True), off),
+               dict(zero_tail=False), dead)
+        yield ("swiglu_backward", label, (torch.randn(12, 4), torch.randn(12, 8), off),
+               dict(zero_tail=False), dead)
+    perm = torch.randperm(12, dtype=torch.int32).view(6, 2)             # every row referenced
+    for label, rows in (("all-referenced", perm), ("dead", randint(-1, 11, (6, 2)))):
+        dead = label == "dead"
+        yield ("unpermute", label, (torch.randn(12, 5, requires_grad=True), rows,
+                                    torch.randn(6, 2, requires_grad=True)),
+               dict(zero_unreferenced=False), dead)
+        yield ("unpermute_backward", label, (torch.randn(6, 5), torch.randn(12, 5), rows,
+                                             torch.randn(6, 2)),
+               dict(zero_unreferenced=False), dead)
+
+
+def test_opcheck_dead_row_flags():
+    seen = set()
+    for name, label, args, kwargs, dead in _dead_row_samples():
+        _opcheck(name, label + "-flag-off", args, ALL_UTILS[:3] if dead else ALL_UTILS, kwargs)
+        seen.add(name)
+    assert seen == {"permute", "grouped_mm", "swiglu", "swiglu_backward", "unpermute",
+                    "unpermute_backward"}
 
 
 @pytest.mark.parametrize("norm", ["none", "selected", "real"])

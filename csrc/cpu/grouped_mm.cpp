@@ -10,19 +10,23 @@
 namespace anyexperts {
 namespace {
 
-at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets_in) {
+at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets_in,
+                          bool zero_tail) {
   check_grouped_mm(a, b, offsets_in);
   const auto offsets = offsets_in.contiguous();
   const int64_t R = a.size(0), G = b.size(0);
   const auto acc = accumulate_dtype(a.scalar_type());
-  auto out = at::zeros({R, b.size(2)}, a.options());
+  auto out = at::empty({R, b.size(2)}, a.options());
   const int32_t* off = offsets.data_ptr<int32_t>();
+  // The groups tile [0, live) row after row, so every row before `live` is written here.
   for (int64_t g = 0; g < G; ++g) {
     const RowSpan span = group_span(off, static_cast<int>(g), R);
     if (span.end == span.begin) continue;
     const auto rows = a.narrow(0, span.begin, span.end - span.begin);
     out.narrow(0, span.begin, span.end - span.begin).copy_(at::mm(rows.to(acc), b[g].to(acc)));
   }
+  const int64_t live = live_rows(off, static_cast<int>(G), R);
+  if (zero_tail) out.narrow(0, live, R - live).zero_();
   return out;
 }
 

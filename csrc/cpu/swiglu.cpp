@@ -1,5 +1,5 @@
 // swiglu and its backward on the CPU: one row per iteration, fp32 math (fp64 for fp64),
-// rows past the last group written as zeros without being read.
+// rows past the last group written as zeros (or, without zero_tail, not written), never read.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,17 +19,18 @@ int64_t live_rows_of(const at::Tensor& offsets, int64_t rows) {
   return live_rows(off.data_ptr<int32_t>(), static_cast<int>(off.size(0)), rows);
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& gu_in, const at::Tensor& offsets) {
+at::Tensor swiglu_cpu(const at::Tensor& gu_in, const at::Tensor& offsets, bool zero_tail) {
   check_swiglu(gu_in, offsets);
   const auto gu = gu_in.contiguous();
   const int64_t R = gu.size(0), F = gu.size(1) / 2;
   const int64_t live = live_rows_of(offsets, R);
+  const int64_t written = zero_tail ? R : live;
   auto h = at::empty({R, F}, gu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "swiglu_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const scalar_t* in = gu.data_ptr<scalar_t>();
     scalar_t* out = h.data_ptr<scalar_t>();
-    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, written, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = out + r * F;
         if (r >= live) {
@@ -48,12 +49,13 @@ at::Tensor swiglu_cpu(const at::Tensor& gu_in, const at::Tensor& offsets) {
 }
 
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& gu_in,
-                               const at::Tensor& offsets) {
+                               const at::Tensor& offsets, bool zero_tail) {
   check_swiglu_backward(grad_h_in, gu_in, offsets);
   const auto grad_h = grad_h_in.contiguous();
   const auto gu = gu_in.contiguous();
   const int64_t R = gu.size(0), F = gu.size(1) / 2;
   const int64_t live = live_rows_of(offsets, R);
+  const int64_t written = zero_tail ? R : live;
   auto grad_gu = at::empty({R, 2 * F}, gu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(),
                                   "swiglu_backward_cpu", [&] {
@@ -61,7 +63,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& gu
     const scalar_t* g = grad_h.data_ptr<scalar_t>();
     const scalar_t* in = gu.data_ptr<scalar_t>();
     scalar_t* out = grad_gu.data_ptr<scalar_t>();
-    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, written, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = out + r * 2 * F;
         if (r >= live) {

@@ -1,5 +1,7 @@
 // unpermute and its backward on the CPU, one token per iteration, accumulating in fp32
-// (fp64 for fp64 data) over j ascending.
+// (fp64 for fp64 data) over j ascending. The backward accumulates grad_y in a zeroed buffer,
+// so it zeroes unreferenced rows whatever zero_unreferenced says (zeros are one of the values
+// "unspecified" allows).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,8 +17,9 @@
 namespace anyexperts {
 namespace {
 
+// zero_unreferenced concerns the backward only.
 at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& slot_rows_in,
-                         const at::Tensor& weights_in) {
+                         const at::Tensor& weights_in, bool /*zero_unreferenced*/) {
   check_unpermute(y_in, slot_rows_in, weights_in);
   const auto y = y_in.contiguous();
   const auto slot_rows = slot_rows_in.contiguous();
@@ -53,7 +56,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& slot_rows_in,
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out_in,
                                                           const at::Tensor& y_in,
                                                           const at::Tensor& slot_rows_in,
-                                                          const at::Tensor& weights_in) {
+                                                          const at::Tensor& weights_in,
+                                                          bool /*zero_unreferenced*/) {
   check_unpermute_backward(grad_out_in, y_in, slot_rows_in, weights_in);
   const auto grad_out = grad_out_in.contiguous();
   const auto y = y_in.contiguous();

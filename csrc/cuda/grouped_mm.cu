@@ -99,7 +99,8 @@ __global__ void group_ends_kernel(const int32_t* __restrict__ offsets, int64_t g
   if (g < groups) ends[g] = group_end(offsets, static_cast<int>(g), rows);
 }
 
-// out[r, :] = a[r, :] @ b[g(r)] for r < ends[G-1], zero after. Row blocks may straddle
+// out[r, :] = a[r, :] @ b[g(r)] for r < ends[G-1], zero after (unwritten without
+// zero_tail). Row blocks may straddle
 // groups: the block runs one pass per group it overlaps, each pass reading only that
 // group's rows of a (others masked, never multiplied, so NaNs elsewhere cannot leak).
 template <typename T>
@@ -107,7 +108,8 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
     fallback_grouped_mm_kernel(const T* __restrict__ a, int64_t sa0, int64_t sa1,
                                const T* __restrict__ b, int64_t sb0, int64_t sb1, int64_t sb2,
                                T* __restrict__ out, const int64_t* __restrict__ ends,
-                               int64_t groups, int64_t rows, int64_t K, int64_t N) {
+                               int64_t groups, int64_t rows, int64_t K, int64_t N,
+                               bool zero_tail) {
   using Acc = cuda::opmath_t<T>;
   __shared__ Acc sa[kTileK][kTile + 1];
   __shared__ Acc sb[kTileK][kTile + 1];
@@ -150,8 +152,9 @@ __global__ void __launch_bounds__(kThreadsXY* kThreadsXY)
       __syncthreads();
     }
   }
-  // Rows past ends[G-1] were never accumulated: they are written as zero.
-  store_tile(acc, out, r0, r1, c0, N, tx, ty);
+  // Rows past ends[G-1] were never accumulated: they are written as zero, or skipped.
+  const int64_t tail = ends[groups - 1];
+  store_tile(acc, out, r0, zero_tail || r1 < tail ? r1 : tail, c0, N, tx, ty);
 }
 
 // db[g] = a[rows of g]^T @ dout[rows of g]; empty groups write zeros. Block (x, y, z):
@@ -203,7 +206,7 @@ at::Tensor group_ends(const at::Tensor& offsets, int64_t rows, cudaStream_t stre
 constexpr int64_t kMaxGridY = 65535;
 
 void fallback_grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
-                         at::Tensor& out) {
+                         bool zero_tail, at::Tensor& out) {
   const int64_t R = a.size(0), K = a.size(1), N = b.size(2), G = b.size(0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const auto ends = group_ends(offsets, R, stream);
@@ -214,7 +217,7 @@ void fallback_grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_cuda", [&] {
     fallback_grouped_mm_kernel<scalar_t><<<grid, block, 0, stream>>>(
         a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(0),
-        b.stride(1), b.stride(2), out.data_ptr<scalar_t>(), ends.data_ptr<int64_t>(), G, R, K, N);
+        b.stride(1), b.stride(2), out.data_ptr<scalar_t>(), ends.data_ptr<int64_t>(), G, R, K, N, zero_tail);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -470,7 +473,7 @@ sm90::ForwardKernel forward_kernel(at::ScalarType dtype, sm90::BLayout layout,
 }
 
 void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets,
-                     at::Tensor& out) {
+                     bool zero_tail, at::Tensor& out) {
   const int64_t R = a_in.size(0), K = a_in.size(1), N = b_in.size(2), G = b_in.size(0);
   const at::Tensor a = tma_rows(a_in);
   // b[g] is K x N: row-major (N contiguous) or column-major (K contiguous, the transposed
@@ -505,6 +508,7 @@ void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::T
   p.rows = R;
   p.k = K;
   p.n = N;
+  p.zero_tail = zero_tail;
   run_sm90_kernel("grouped_mm", kernel, p, a, t.scheduling);
 }
 
@@ -535,7 +539,8 @@ void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
 // Ops
 // ======================================================================================
 
-at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets_in) {
+at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets_in,
+                           bool zero_tail) {
   check_grouped_mm(a, b, offsets_in);
   TORCH_CHECK(a.is_cuda(), "grouped_mm: expected CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
@@ -547,11 +552,11 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
   const auto offsets = offsets_in.contiguous();
 #if defined(ANYEXPERTS_SM90)
   if (sm90_eligible(a, K, N)) {
-    sm90_grouped_mm(a, b, offsets, out);
+    sm90_grouped_mm(a, b, offsets, zero_tail, out);
     return out;
   }
 #endif
-  fallback_grouped_mm(a, b, offsets, out);
+  fallback_grouped_mm(a, b, offsets, zero_tail, out);
   return out;
 }
 

@@ -7,7 +7,8 @@
 //   3. groups: exclusive scan of the padded totals over experts -> offsets, group starts;
 //   4. scatter: each warp walks its chunk again in slot order, so rows inside an expert are
 //      ordered by (t, j); it writes slot_rows and the source token of every row;
-//   5. gather: one warp per output row copies x[token] or writes zeros (padding, tail).
+//   5. gather: one warp per output row copies x[token] or writes zeros (padding, tail);
+//              without zero_tail, rows from offsets[num_real-1] on are left unwritten.
 // Nothing is read back on the host, so the op is CUDA-graph capturable.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -132,13 +133,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One warp per output row: the row of its token, or zeros where no slot lands.
+// One warp per output row: the row of its token, or zeros where no slot lands. With
+// `live_end` (the last group's end offset), rows from there on are not written.
 template <typename Unit>
 __global__ void __launch_bounds__(kThreads)
     gather_kernel(const Unit* __restrict__ x, const int32_t* __restrict__ row_token,
-                  Unit* __restrict__ x_perm, int64_t rows, int64_t units_per_row) {
+                  const int32_t* __restrict__ live_end, Unit* __restrict__ x_perm, int64_t rows,
+                  int64_t units_per_row) {
   const int lane = threadIdx.x % kWarp;
-  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
+  const int64_t written = live_end != nullptr ? min(rows, int64_t{*live_end}) : rows;
+  for (int64_t r = cuda::global_warp(); r < written; r += cuda::global_warp_count()) {
     const int32_t t = row_token[r];
     const Unit* src = t >= 0 ? x + t * units_per_row : nullptr;
     Unit* dst = x_perm + r * units_per_row;
@@ -171,7 +175,8 @@ void with_copy_unit(int64_t row_bytes, int64_t elem_bytes, const void* a, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x,
                                                             const at::Tensor& ids,
-                                                            int64_t num_real, int64_t align) {
+                                                            int64_t num_real, int64_t align,
+                                                            bool zero_tail) {
   check_permute(x, ids, num_real, align);
   TORCH_CHECK(num_real <= std::numeric_limits<int32_t>::max(),
               "permute: num_real must fit in int32, got ", num_real);
@@ -227,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x,
       using Unit = decltype(unit);
       gather_kernel<Unit><<<cuda::grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
           static_cast<const Unit*>(xc.const_data_ptr()), row_token.const_data_ptr<int32_t>(),
+          zero_tail ? nullptr : offsets.const_data_ptr<int32_t>() + (num_real - 1),
           static_cast<Unit*>(x_perm.mutable_data_ptr()), rows,
           row_bytes / static_cast<int64_t>(sizeof(Unit)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -4,7 +4,8 @@
 // One warp per row in a grid-stride loop, lanes over the row's 16-byte vectors where
 // alignment allows. Each block first finds the live end itself, a max over the G offsets
 // (live_rows, rules.h), so the op is one launch with no host sync. Dead rows are written
-// as zeros without reading gu: their cost is the zero store only, whatever gu holds there.
+// as zeros without reading gu (their cost is the zero store only, whatever gu holds
+// there), or, without zero_tail, not touched at all.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -47,13 +48,15 @@ __device__ __forceinline__ int64_t block_live_rows(const int32_t* __restrict__ o
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     swiglu_kernel(const scalar_t* __restrict__ gu, const int32_t* __restrict__ offsets,
-                  scalar_t* __restrict__ h, int64_t groups, int64_t rows, int64_t vecs) {
+                  scalar_t* __restrict__ h, int64_t groups, int64_t rows, int64_t vecs,
+                  bool zero_tail) {
   using acc_t = opmath_t<scalar_t>;
   using V = Pack<scalar_t, kVec>;
   __shared__ int64_t scratch[kWarp];
   const int64_t live = block_live_rows(offsets, groups, rows, scratch);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
+  const int64_t written = zero_tail ? rows : live;
+  for (int64_t r = cuda::global_warp(); r < written; r += cuda::global_warp_count()) {
     V* out = reinterpret_cast<V*>(h) + r * vecs;
     if (r >= live) {
       for (int64_t v = lane; v < vecs; v += kWarp) out[v] = V{};
@@ -79,13 +82,14 @@ template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     swiglu_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ gu,
                            const int32_t* __restrict__ offsets, scalar_t* __restrict__ grad_gu,
-                           int64_t groups, int64_t rows, int64_t vecs) {
+                           int64_t groups, int64_t rows, int64_t vecs, bool zero_tail) {
   using acc_t = opmath_t<scalar_t>;
   using V = Pack<scalar_t, kVec>;
   __shared__ int64_t scratch[kWarp];
   const int64_t live = block_live_rows(offsets, groups, rows, scratch);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
+  const int64_t written = zero_tail ? rows : live;
+  for (int64_t r = cuda::global_warp(); r < written; r += cuda::global_warp_count()) {
     V* d_gate = reinterpret_cast<V*>(grad_gu) + r * 2 * vecs;
     V* d_up = d_gate + vecs;
     if (r >= live) {
@@ -119,7 +123,7 @@ unsigned blocks_for(int64_t rows) {
   return static_cast<unsigned>(std::min<int64_t>(cuda::grid_for(rows, kWarpsPerBlock), kMaxBlocks));
 }
 
-at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets) {
+at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets, bool zero_tail) {
   check_swiglu(gu, offsets);
   const c10::cuda::CUDAGuard guard(gu.device());
   const cuda::NvtxRange range("anyexperts::swiglu");
@@ -138,7 +142,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets) {
       const int64_t vecs = width / kVec;
       swiglu_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
           gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<int32_t>(),
-          h.mutable_data_ptr<scalar_t>(), oc.size(0), rows, vecs);
+          h.mutable_data_ptr<scalar_t>(), oc.size(0), rows, vecs, zero_tail);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -146,7 +150,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets) {
 }
 
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_h, const at::Tensor& gu,
-                                const at::Tensor& offsets) {
+                                const at::Tensor& offsets, bool zero_tail) {
   check_swiglu_backward(grad_h, gu, offsets);
   const c10::cuda::CUDAGuard guard(gu.device());
   const cuda::NvtxRange range("anyexperts::swiglu_backward");
@@ -169,7 +173,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_h, const at::Tensor& gu,
       swiglu_backward_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
           dc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
           oc.const_data_ptr<int32_t>(), grad_gu.mutable_data_ptr<scalar_t>(), oc.size(0), rows,
-          vecs);
+          vecs, zero_tail);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -4,7 +4,8 @@
 // (fp32, fp64 for fp64 y), j ascending, so there are no atomics and the sum order is fixed.
 // Backward: one warp per slot reads grad_out[t] and y[row] once, writing
 // grad_y[row] = w * grad_out[t] and grad_weights = <grad_out[t], y[row]>; a second pass
-// zeroes the rows no slot refers to. Rows are 16-byte vectors where alignment allows.
+// zeroes the rows no slot refers to (unless zero_unreferenced is false). Rows are 16-byte
+// vectors where alignment allows.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
     dot = cuda::warp_sum(dot);
     if (lane == 0) {
       grad_weights[s] = static_cast<weight_t>(dot);
-      referenced[r] = 1;
+      if (referenced != nullptr) referenced[r] = 1;
     }
   }
 }
@@ -150,8 +151,9 @@ void with_weight_type(at::ScalarType weights, F&& f) {
   f(float{});
 }
 
+// zero_unreferenced concerns the backward only.
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& slot_rows,
-                          const at::Tensor& weights) {
+                          const at::Tensor& weights, bool /*zero_unreferenced*/) {
   check_unpermute(y, slot_rows, weights);
   const c10::cuda::CUDAGuard guard(y.device());
   const cuda::NvtxRange range("anyexperts::unpermute");
@@ -189,7 +191,8 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& slot_rows,
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_out,
                                                            const at::Tensor& y,
                                                            const at::Tensor& slot_rows,
-                                                           const at::Tensor& weights) {
+                                                           const at::Tensor& weights,
+                                                           bool zero_unreferenced) {
   check_unpermute_backward(grad_out, y, slot_rows, weights);
   const c10::cuda::CUDAGuard guard(y.device());
   const cuda::NvtxRange range("anyexperts::unpermute_backward");
@@ -203,7 +206,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   const int64_t hidden = yc.size(1);
   at::Tensor grad_y = at::empty({rows, hidden}, yc.options());
   at::Tensor grad_weights = at::empty(wc.sizes(), wc.options());
-  at::Tensor referenced = at::zeros({rows}, yc.options().dtype(at::kByte));
+  at::Tensor referenced;  // stays undefined when unreferenced rows are left unwritten
+  if (zero_unreferenced) referenced = at::zeros({rows}, yc.options().dtype(at::kByte));
+  uint8_t* referenced_ptr = zero_unreferenced ? referenced.mutable_data_ptr<uint8_t>() : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, yc.scalar_type(),
@@ -220,10 +225,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
                   gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(),
                   rc.const_data_ptr<int32_t>(), wc.const_data_ptr<weight_t>(),
                   grad_y.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<weight_t>(),
-                  referenced.mutable_data_ptr<uint8_t>(), slots, k, rows, hidden / kVec);
+                  referenced_ptr, slots, k, rows, hidden / kVec);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        if (rows > 0 && hidden > 0) {
+        if (zero_unreferenced && rows > 0 && hidden > 0) {
           zero_unreferenced_kernel<scalar_t, kVec>
               <<<cuda::grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
                   referenced.const_data_ptr<uint8_t>(), grad_y.mutable_data_ptr<scalar_t>(), rows,

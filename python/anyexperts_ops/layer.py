@@ -332,13 +332,23 @@ class AnyExpertsMoE(nn.Module):
     # ---- forward -------------------------------------------------------------------------
 
     def _experts(self, xh: Tensor, ids: Tensor, weights: Tensor):
+        """The expert FFNs on the live slots. Of the R = T*K_max rows, those past the last
+        group (T*K_max - real slots: most of them at a low Avg-K) are read by no op of this
+        chain, forward or backward, so none writes them (zero_tail=False). The rows no slot
+        refers to are exactly those when align is 1; with align > 1 they include the groups'
+        padding rows, which the GEMMs read, so grad y keeps them zero. Under autograd's anomaly
+        mode (eager), which checks every gradient for NaN, dead rows included, they are
+        zeroed."""
         c = self.config
         B = self._B
-        x_perm, offsets, slot_rows = B.permute(xh, ids, c.num_experts, c.align)
-        gu = B.grouped_mm(x_perm, self.w_gate_up.transpose(1, 2), offsets)
-        h = B.swiglu(gu, offsets)
-        y = B.grouped_mm(h, self.w_down.transpose(1, 2), offsets)
-        return B.unpermute(y, slot_rows, weights), offsets
+        zero = (not torch.compiler.is_compiling() and torch.is_anomaly_enabled()
+                and torch.is_anomaly_check_nan_enabled())
+        x_perm, offsets, slot_rows = B.permute(xh, ids, c.num_experts, c.align, zero_tail=zero)
+        gu = B.grouped_mm(x_perm, self.w_gate_up.transpose(1, 2), offsets, zero_tail=zero)
+        h = B.swiglu(gu, offsets, zero_tail=zero)
+        y = B.grouped_mm(h, self.w_down.transpose(1, 2), offsets, zero_tail=zero)
+        out = B.unpermute(y, slot_rows, weights, zero_unreferenced=zero or c.align > 1)
+        return out, offsets
 
     def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """out plus the virtual experts' terms: copy adds weight * x', const weight * v_j,

@@ -3,6 +3,10 @@
 The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda; this module
 adds what the dispatcher needs for torch.compile (static-shape fakes) and training
 (autograd formulas that call the backward ops).
+
+``zero_tail=False`` (permute, grouped_mm, swiglu) and ``zero_unreferenced=False``
+(unpermute) are for callers that never read the dead rows, the way AnyExpertsMoE chains the
+ops: see the README's "Dead rows". The defaults follow DESIGN.md section 3 exactly.
 """
 from __future__ import annotations
 
@@ -26,15 +30,18 @@ def segmented_topk(logits: Tensor, slots: Tensor, max_virtual: Tensor, k_max: in
     return _ops.segmented_topk.default(logits, slots, max_virtual, k_max, num_real, norm)
 
 
-def permute(x: Tensor, ids: Tensor, num_real: int, align: int = 1
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """Groups the rows of live slots by expert: (x_perm, offsets, slot_rows)."""
-    return _ops.permute.default(x, ids, num_real, align)
+def permute(x: Tensor, ids: Tensor, num_real: int, align: int = 1, *,
+            zero_tail: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Groups the rows of live slots by expert: (x_perm, offsets, slot_rows). Rows from
+    offsets[-1] on are zero, or with ``zero_tail=False`` unwritten (unspecified)."""
+    return _ops.permute.default(x, ids, num_real, align, zero_tail=zero_tail)
 
 
-def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
-    """out[rows of g] = a[rows of g] @ b[g], offsets are end offsets."""
-    return _ops.grouped_mm.default(a, b, offsets)
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, *, zero_tail: bool = True) -> Tensor:
+    """out[rows of g] = a[rows of g] @ b[g], offsets are end offsets. Rows from offsets[-1]
+    on are zero; with ``zero_tail=False`` they are unwritten (unspecified), in ``out`` and in
+    the gradient with respect to ``a``."""
+    return _ops.grouped_mm.default(a, b, offsets, zero_tail=zero_tail)
 
 
 def grouped_mm_wgrad(a: Tensor, dout: Tensor, offsets: Tensor) -> Tensor:
@@ -42,15 +49,19 @@ def grouped_mm_wgrad(a: Tensor, dout: Tensor, offsets: Tensor) -> Tensor:
     return _ops.grouped_mm_wgrad.default(a, dout, offsets)
 
 
-def swiglu(gu: Tensor, offsets: Tensor) -> Tensor:
+def swiglu(gu: Tensor, offsets: Tensor, *, zero_tail: bool = True) -> Tensor:
     """h = silu(gate) * up with gu = [gate | up] ([R, 2F] -> [R, F]); rows past the last
-    group's end are zero and never read."""
-    return _ops.swiglu.default(gu, offsets)
+    group's end are never read, and written as zero (``zero_tail=False``: unwritten, in h
+    and in the gradient with respect to gu)."""
+    return _ops.swiglu.default(gu, offsets, zero_tail=zero_tail)
 
 
-def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor) -> Tensor:
-    """out[t] = sum_j weights[t,j] * y[slot_rows[t,j]], skipping -1."""
-    return _ops.unpermute.default(y, slot_rows, weights)
+def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor, *,
+              zero_unreferenced: bool = True) -> Tensor:
+    """out[t] = sum_j weights[t,j] * y[slot_rows[t,j]], skipping -1. In backward, the rows
+    of grad y that no slot refers to are zero, or with ``zero_unreferenced=False``
+    unwritten (unspecified)."""
+    return _ops.unpermute.default(y, slot_rows, weights, zero_unreferenced=zero_unreferenced)
 
 
 # ---- fake implementations: output shapes and dtypes only -------------------------------
@@ -70,7 +81,7 @@ def _segmented_topk_backward_fake(grad_weights, logits, ids, num_real, norm):
 
 
 @torch.library.register_fake("anyexperts::permute")
-def _permute_fake(x, ids, num_real, align):
+def _permute_fake(x, ids, num_real, align, *, zero_tail=True):
     T, K = ids.shape
     R = T * K + num_real * (align - 1)
     return (x.new_empty((R, x.shape[1])),
@@ -79,7 +90,7 @@ def _permute_fake(x, ids, num_real, align):
 
 
 @torch.library.register_fake("anyexperts::grouped_mm")
-def _grouped_mm_fake(a, b, offsets):
+def _grouped_mm_fake(a, b, offsets, *, zero_tail=True):
     return a.new_empty((a.shape[0], b.shape[2]))
 
 
@@ -89,22 +100,22 @@ def _grouped_mm_wgrad_fake(a, dout, offsets):
 
 
 @torch.library.register_fake("anyexperts::swiglu")
-def _swiglu_fake(gu, offsets):
+def _swiglu_fake(gu, offsets, *, zero_tail=True):
     return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
 
 
 @torch.library.register_fake("anyexperts::swiglu_backward")
-def _swiglu_backward_fake(grad_h, gu, offsets):
+def _swiglu_backward_fake(grad_h, gu, offsets, *, zero_tail=True):
     return gu.new_empty(gu.shape)
 
 
 @torch.library.register_fake("anyexperts::unpermute")
-def _unpermute_fake(y, slot_rows, weights):
+def _unpermute_fake(y, slot_rows, weights, *, zero_unreferenced=True):
     return y.new_empty((slot_rows.shape[0], y.shape[1]))
 
 
 @torch.library.register_fake("anyexperts::unpermute_backward")
-def _unpermute_backward_fake(grad_out, y, slot_rows, weights):
+def _unpermute_backward_fake(grad_out, y, slot_rows, weights, *, zero_unreferenced=True):
     return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
 
@@ -129,7 +140,7 @@ torch.library.register_autograd("anyexperts::segmented_topk", _segmented_topk_ba
                                 setup_context=_segmented_topk_setup)
 
 
-def _permute_setup(ctx, inputs, output):
+def _permute_setup(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(output[2])
 
 
@@ -147,16 +158,17 @@ torch.library.register_autograd("anyexperts::permute", _permute_backward,
                                 setup_context=_permute_setup)
 
 
-def _grouped_mm_setup(ctx, inputs, output):
+def _grouped_mm_setup(ctx, inputs, keyword_only_inputs, output):
     a, b, offsets = inputs
     ctx.save_for_backward(a, b, offsets)
+    ctx.zero_tail = keyword_only_inputs["zero_tail"]
 
 
 def _grouped_mm_backward(ctx, grad_out):
     a, b, offsets = ctx.saved_tensors
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = grouped_mm(grad_out, b.transpose(-2, -1), offsets)
+        grad_a = grouped_mm(grad_out, b.transpose(-2, -1), offsets, zero_tail=ctx.zero_tail)
     if ctx.needs_input_grad[1]:
         if b.dim() == 3 and b.stride(1) == 1 and b.stride(2) == b.shape[1] and b.shape[1] > 1:
             # b is a transposed view of [G, N, K] storage (nn.Linear layout): compute the
@@ -172,31 +184,34 @@ torch.library.register_autograd("anyexperts::grouped_mm", _grouped_mm_backward,
                                 setup_context=_grouped_mm_setup)
 
 
-def _swiglu_setup(ctx, inputs, output):
+def _swiglu_setup(ctx, inputs, keyword_only_inputs, output):
     gu, offsets = inputs
     ctx.save_for_backward(gu, offsets)
+    ctx.zero_tail = keyword_only_inputs["zero_tail"]
 
 
 def _swiglu_backward(ctx, grad_h):
     gu, offsets = ctx.saved_tensors
     if grad_h is None or not ctx.needs_input_grad[0]:
         return None, None
-    return _ops.swiglu_backward.default(grad_h.contiguous(), gu, offsets), None
+    return _ops.swiglu_backward.default(grad_h.contiguous(), gu, offsets,
+                                        zero_tail=ctx.zero_tail), None
 
 
 torch.library.register_autograd("anyexperts::swiglu", _swiglu_backward,
                                 setup_context=_swiglu_setup)
 
 
-def _unpermute_setup(ctx, inputs, output):
+def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):
     y, slot_rows, weights = inputs
     ctx.save_for_backward(y, slot_rows, weights)
+    ctx.zero_unreferenced = keyword_only_inputs["zero_unreferenced"]
 
 
 def _unpermute_backward(ctx, grad_out):
     y, slot_rows, weights = ctx.saved_tensors
     grad_y, grad_weights = _ops.unpermute_backward.default(
-        grad_out.contiguous(), y, slot_rows, weights)
+        grad_out.contiguous(), y, slot_rows, weights, zero_unreferenced=ctx.zero_unreferenced)
     return (grad_y if ctx.needs_input_grad[0] else None, None,
             grad_weights if ctx.needs_input_grad[2] else None)
 

@@ -4,6 +4,10 @@ This module is the executable form of the contract: every kernel, CPU and CUDA, 
 tested against it. It favours plain loops and obvious tensor code over speed, and never
 calls ``torch.ops.anyexperts``. Autograd flows through it with ordinary PyTorch ops,
 so it also serves as the gradient reference.
+
+The ``zero_tail`` / ``zero_unreferenced`` flags are accepted and ignored: with them false
+the kernels leave the dead rows unspecified, and zeros are one valid value of those rows;
+tests compare only the rows the flags keep specified.
 """
 from __future__ import annotations
 
@@ -84,7 +88,8 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
     return ids.to(logits.device), _connected(weights, logits)
 
 
-def permute(x: torch.Tensor, ids: torch.Tensor, num_real: int, align: int):
+def permute(x: torch.Tensor, ids: torch.Tensor, num_real: int, align: int, *,
+            zero_tail: bool = True):
     """x_perm[R,H], offsets[num_real] int32 (end offsets), slot_rows[T,K] int32."""
     T, K = ids.shape
     H = x.shape[1]
@@ -122,7 +127,8 @@ def group_spans(offsets: torch.Tensor, rows: int) -> list[tuple[int, int]]:
     return spans
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
+               zero_tail: bool = True) -> torch.Tensor:
     """out[rows of g] = a[rows] @ b[g]; rows past the last group are zero."""
     acc = _opmath(a.dtype)
     out = a.new_zeros((a.shape[0], b.shape[2]), dtype=acc)
@@ -144,7 +150,7 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor)
     return _connected(db, a, dout).to(a.dtype)
 
 
-def swiglu(gu: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def swiglu(gu: torch.Tensor, offsets: torch.Tensor, *, zero_tail: bool = True) -> torch.Tensor:
     """h[R,F] = silu(gate) * up with gu = [gate | up], in fp32 (fp64 for fp64), for the rows
     before the last group's end (padding rows included); rows past it are zero."""
     R, F = gu.shape[0], gu.shape[1] // 2
@@ -157,7 +163,8 @@ def swiglu(gu: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return _connected(out, gu).to(gu.dtype)
 
 
-def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor, *,
+              zero_unreferenced: bool = True) -> torch.Tensor:
     """out[t] = sum over j ascending of weights[t,j] * y[slot_rows[t,j]], skipping -1.
 
     Rows outside [0, R) count as -1.

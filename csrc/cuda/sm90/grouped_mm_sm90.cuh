@@ -192,8 +192,8 @@ __device__ inline const int32_t* cache_offsets(const int32_t* offsets, int64_t g
   return smem;
 }
 
-// Forward: block b builds the arguments of groups [b*256, b*256+256); every block then
-// zeroes its share of the rows at or after end(G-1), which no group covers.
+// Forward: block b builds the arguments of groups [b*256, b*256+256); with zero_tail every
+// block then zeroes its share of the rows at or after end(G-1), which no group covers.
 template <class Gemm>
 __global__ void __launch_bounds__(kPrepareThreads)
     forward_prepare_kernel(ArgBuffers<Gemm> buf, ForwardProblem p) {
@@ -217,6 +217,7 @@ __global__ void __launch_bounds__(kPrepareThreads)
     buf.stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldb);
     buf.stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
   }
+  if (!p.zero_tail) return;  // uniform over the grid: no thread reaches the barrier below
 
   if (threadIdx.x == 0) s_tail_begin = group_end(offsets, static_cast<int>(p.groups - 1), p.rows);
   __syncthreads();
@@ -426,7 +427,7 @@ const char* run_forward(const ForwardProblem& p, const Launch& l) {
       static_cast<char*>(l.workspace) + cutlass_workspace_bytes<Gemm>(p.groups, l.sm_count), p.groups);
   // Enough blocks for the argument arrays and to zero a tail as large as `out` at full
   // bandwidth; blocks with no tail to zero exit at once.
-  const int64_t vecs = p.rows * (p.n / 8);
+  const int64_t vecs = p.zero_tail ? p.rows * (p.n / 8) : 0;
   const int64_t zero_blocks = (vecs + kPrepareThreads * 4 - 1) / (kPrepareThreads * 4);
   int64_t blocks = zero_blocks < 4 * l.sm_count ? zero_blocks : 4 * l.sm_count;
   if (blocks < prepare_blocks_for_groups(p.groups)) blocks = prepare_blocks_for_groups(p.groups);

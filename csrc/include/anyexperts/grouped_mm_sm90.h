@@ -99,6 +99,7 @@ struct ForwardProblem {
   int64_t rows;           // R >= 1
   int64_t k;              // K >= 1, multiple of 8
   int64_t n;              // N >= 1, multiple of 8
+  bool zero_tail;         // zero rows [end of group G-1, R); false leaves them unwritten
 };
 
 // db[g] = a[rows of g]^T @ dout[rows of g] (weight gradient, variable-K grouped GEMM).

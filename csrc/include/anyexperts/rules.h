@@ -115,7 +115,8 @@ AE_HOST_DEVICE RowSpan group_span(const int32_t* offsets, int g, int64_t rows) {
   return {g == 0 ? 0 : group_end(offsets, g - 1, rows), group_end(offsets, g, rows)};
 }
 
-// Rows at or after this one belong to no group (they are zero in every op's output).
+// Rows at or after this one belong to no group: the tail, zero in every op's output unless
+// the caller passes zero_tail=false.
 AE_HOST_DEVICE int64_t live_rows(const int32_t* offsets, int groups, int64_t rows) {
   return groups > 0 ? group_end(offsets, groups - 1, rows) : 0;
 }
