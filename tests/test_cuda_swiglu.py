@@ -26,11 +26,6 @@ def _offsets(gen, G, R):
     return torch.cummax(ends, 0).values.to(torch.int32)
 
 
-def _live(offsets, R):
-    spans = ref.group_spans(offsets, R)
-    return spans[-1][1] if spans else 0
-
-
 def _check(actual, expected64, dtype, what):
     actual = actual.cpu()
     assert actual.shape == expected64.shape, what
@@ -58,7 +53,7 @@ def test_forward_and_backward_match_reference(gen, shape, dtype):
     gu = (torch.randn(R, 2 * F, generator=gen, dtype=torch.float64) * 3).to(dtype)
     dh = torch.randn(R, F, generator=gen, dtype=torch.float64).to(dtype)
     off = _offsets(gen, G, R)
-    live = _live(off, R)
+    live = ref.live_rows(off, R)
     # poison the dead rows: they must be neither read nor passed through
     gu[live:] = float("nan")
     dh[live:] = float("nan")

@@ -15,6 +15,7 @@ import torch
 
 import anyexperts_ops.ops as ae_ops
 from anyexperts_ops import AnyExpertsMoE, presets
+from anyexperts_ops import reference as ref
 from conftest import (assert_exact, assert_rel_norm, poison_allocator, random_ids,
                       random_offsets)
 
@@ -24,11 +25,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 def _dtype(device):
     return torch.bfloat16 if device == "cuda" else torch.float32
-
-
-def _live(offsets: torch.Tensor, rows: int) -> int:
-    """The first dead row: the last group's end, clamped as rules.h live_rows does."""
-    return min(max(int(offsets.max()), 0), rows) if offsets.numel() else 0
 
 
 def _nan_rows_from(t: torch.Tensor, live: int) -> torch.Tensor:
@@ -46,7 +42,7 @@ def test_permute(device, align):
     want = ae_ops.permute(x, ids, N, align)
     poison_allocator((want[0].shape, x.dtype), device=device)
     got = ae_ops.permute(x, ids, N, align, zero_tail=False)
-    live = _live(want[1], want[0].shape[0])
+    live = ref.live_rows(want[1], want[0].shape[0])
     assert live < want[0].shape[0], "the sample must have dead rows"
     assert_exact(got[0][:live], want[0][:live], "x_perm live and padding rows")
     assert_exact(got[1], want[1], "offsets")
@@ -59,7 +55,7 @@ def test_grouped_mm_forward_and_gradients(device, transposed_b):
     R, Kd, Nd, G = 400, 64, 48, 5
     dt = _dtype(device)
     offsets = random_offsets(G, R).to(device)
-    live = _live(offsets, R)
+    live = ref.live_rows(offsets, R)
     assert live < R
     a = torch.randn(R, Kd, device=device, dtype=dt)
     b = (torch.randn(G, Nd, Kd, device=device, dtype=dt).transpose(1, 2) if transposed_b
@@ -86,7 +82,7 @@ def test_swiglu_forward_and_gradient(device):
     R, F, G = 333, 40, 4
     dt = _dtype(device)
     offsets = random_offsets(G, R).to(device)
-    live = _live(offsets, R)
+    live = ref.live_rows(offsets, R)
     gu = torch.randn(R, 2 * F, device=device, dtype=dt)
     dh = torch.randn(R, F, device=device, dtype=dt)
 
@@ -167,7 +163,7 @@ class _Backend:
 
     def permute(self, x, ids, num_real, align, **kw):
         x_perm, offsets, slot_rows = ae_ops.permute(x, ids, num_real, align, **self._kw(kw))
-        self.live, self.slot_rows = _live(offsets, x_perm.shape[0]), slot_rows
+        self.live, self.slot_rows = ref.live_rows(offsets, x_perm.shape[0]), slot_rows
         self._gemm = 0
         return self._poison(x_perm), offsets, slot_rows
 

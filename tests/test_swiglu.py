@@ -18,11 +18,6 @@ def i32(values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-def live_end(offsets, R):
-    spans = ref.group_spans(offsets, R)
-    return spans[-1][1] if spans else 0
-
-
 # (R, F, G)
 SHAPES = [(40, 6, 4), (1, 1, 1), (0, 5, 3), (7, 0, 2), (64, 16, 8), (33, 24, 1), (9, 3, 0)]
 
@@ -37,8 +32,8 @@ def test_forward_matches_reference(shape, dtype):
     assert h.shape == (R, F_) and h.dtype == dtype
     expected = ref.swiglu(gu.double(), offsets)
     check_float(h, expected, dtype, "swiglu")
-    assert_exact(h[live_end(offsets, R):], torch.zeros(R - live_end(offsets, R), F_, dtype=dtype),
-                 "rows past the last group")
+    live = ref.live_rows(offsets, R)
+    assert_exact(h[live:], torch.zeros(R - live, F_, dtype=dtype), "rows past the last group")
 
 
 def test_matches_silu_times_up_in_fp32():
@@ -63,7 +58,7 @@ def test_offsets_clamped_by_rule(offsets, live):
     gu = torch.randn(R, 2 * F_, dtype=torch.float64)
     off = i32(offsets)
     h = ops.swiglu(gu, off)
-    assert live_end(off, R) == live
+    assert ref.live_rows(off, R) == live
     assert_close(h, ref.swiglu(gu, off), "swiglu")
     assert_exact(h[live:], torch.zeros(R - live, F_, dtype=torch.float64), "dead rows")
     assert bool((h[:live] != 0).any()) == (live > 0)
@@ -130,7 +125,8 @@ def test_backward_matches_reference_autograd(dtype):
     ref.swiglu(gu64, off).backward(dh.double())
     assert got.shape == gu.shape and got.dtype == dtype
     check_float(got, gu64.grad, dtype, "grad_gu")
-    assert_exact(got[live_end(off, R):], torch.zeros(R - live_end(off, R), 2 * F_, dtype=dtype),
+    live = ref.live_rows(off, R)
+    assert_exact(got[live:], torch.zeros(R - live, 2 * F_, dtype=dtype),
                  "grad rows past the last group")
 
 

@@ -127,6 +127,12 @@ def group_spans(offsets: torch.Tensor, rows: int) -> list[tuple[int, int]]:
     return spans
 
 
+def live_rows(offsets: torch.Tensor, rows: int) -> int:
+    """The first row past every group (the last group's clamped end): the tail starts here."""
+    spans = group_spans(offsets, rows)
+    return spans[-1][1] if spans else 0
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
                zero_tail: bool = True) -> torch.Tensor:
     """out[rows of g] = a[rows] @ b[g]; rows past the last group are zero."""
@@ -155,8 +161,7 @@ def swiglu(gu: torch.Tensor, offsets: torch.Tensor, *, zero_tail: bool = True) -
     before the last group's end (padding rows included); rows past it are zero."""
     R, F = gu.shape[0], gu.shape[1] // 2
     acc = _opmath(gu.dtype)
-    spans = group_spans(offsets, R)
-    live = spans[-1][1] if spans else 0
+    live = live_rows(offsets, R)
     g, u = gu[:live, :F].to(acc), gu[:live, F:].to(acc)
     h = torch.nn.functional.silu(g) * u
     out = torch.cat([h, h.new_zeros((R - live, F))])
