@@ -13,7 +13,11 @@ One run per shape measures, side by side (same input, same expert weights):
   * ``weight0_all``         ... virtual and unused slots too (every token computes K_max rows);
   * ``grouped_mm_pipeline`` sort + torch._grouped_mm, torchtitan style, static top-K
                             (per-group loop fallback on CPU / without torch._grouped_mm);
-  * ``eager_loop``          the Hugging Face per-expert loop, static top-K.
+  * ``eager_loop``          the Hugging Face per-expert loop, static top-K;
+  * ``static_topk_compiled``, ``anyexperts_compiled`` (lowest Avg-K): the same layers under
+                            ``torch.compile(fullgraph=True)`` (``--compile-backend``), which
+                            fuses the routing's elementwise work around our ops; their
+                            ``time_ratio_vs_static_topk`` is to the compiled static layer.
 Each in two modes: ``fwd`` (forward under torch.no_grad) and ``fwd_bwd`` (forward with
 autograd + backward of the output and the auxiliary loss; the input needs grad, as inside a
 model). Time: median over repetitions after warm-up (CUDA events; CPU: perf_counter). Peak
@@ -32,6 +36,7 @@ error in its row and the run goes on.
     python bench/bench_layer.py                    # the three issue shapes (GPU, bf16)
     python bench/bench_layer.py --quick            # tiny shapes, CPU-friendly (< 1 min)
     python bench/bench_layer.py --shapes e128,e8   # a subset; or E16:H64:F32:T256:k8
+    python bench/bench_layer.py --variants static,anyexperts,compiled   # layer rows only
 """
 from __future__ import annotations
 
@@ -488,6 +493,8 @@ def build_layers(s: dict, plan: dict, device, dtype, *, seed: int = 0, stats: bo
 class Suite:
     def __init__(self, args):
         self.args = args
+        self.compile_label = (f"torch.compile(fullgraph=True, backend={args.compile_backend!r}"
+                              + (f", mode={args.compile_mode!r})" if args.compile_mode else ")"))
         self.device = torch.device(args.device)
         self.dtype = getattr(torch, args.dtype)
         self.rows: list[dict] = []
@@ -673,10 +680,15 @@ class Suite:
                      impl="anyexperts_ops layer, static top-K preset",
                      target_avg_k=None, avg_real_experts=float(k), avg_virtual_experts=0.0)
             self.layer_rows(b, static, x, dy, layer_call(static))
+        if "compiled" in wanted:
+            b = dict(base, name=f"static top-{k}, torch.compile", variant="static_topk_compiled",
+                     impl=f"static top-K layer under {self.compile_label}",
+                     target_avg_k=None, avg_real_experts=float(k), avg_virtual_experts=0.0)
+            self.compiled_rows(b, static, x, dy, layer_call)
 
         # AnyExperts at each Avg-K, and the weight-0 handling of its masked slots
         for target in plan["targets"]:
-            if not ({"anyexperts", "weight0"} & wanted):
+            if not ({"anyexperts", "weight0", "compiled"} & wanted):
                 break
             b = dict(base, name=f"anyexperts avg-k {target:g}", variant="anyexperts",
                      impl=f"anyexperts_ops layer, importance slots K in "
@@ -704,6 +716,11 @@ class Suite:
                 any_rows = self.layer_rows(b, layer, x, dy, layer_call(layer))
             else:
                 any_rows = []
+            if "compiled" in wanted and target == min(plan["targets"]):
+                cb = dict(b, name=f"anyexperts avg-k {target:g}, torch.compile",
+                          variant="anyexperts_compiled",
+                          impl=f"{b['impl']}, under {self.compile_label}")
+                self.compiled_rows(cb, layer, x, dy, layer_call)
             if "weight0" in wanted and (self.weight0_at == "all" or
                                         target == min(plan["targets"])):
                 with torch.no_grad():
@@ -747,10 +764,36 @@ class Suite:
         del layer, static, ref_static, x, dy
         _free(dev)
 
-    def layer_rows(self, b: dict, layer, x, dy, call, inner=None) -> list[dict]:
+    def compiled_rows(self, b: dict, layer, x, dy, layer_call) -> list[dict]:
+        """The layer under torch.compile(fullgraph=True): a fresh compiled module per call
+        (warm-up compiles it; forward under no_grad and forward+backward are two graphs).
+        The GEMM chain is timed eagerly as for the eager rows: the same custom ops run
+        either way, so the overhead is what the compiled routing costs."""
+        try:
+            cm = torch.compile(layer, fullgraph=True, backend=self.args.compile_backend,
+                               mode=self.args.compile_mode)
+            with torch.no_grad():
+                b["check_rel_err"] = rel_err(cm(x)[0], layer(x)[0])
+            b["check_against"] = "eager layer (same weights and routing)"
+        except Exception as e:  # noqa: BLE001
+            rows = [dict(b, mode=m, error=f"compile failed: {_err(e)}")
+                    for m in ("fwd", "fwd_bwd")]
+            if self.args.verbose:
+                traceback.print_exc()
+            self._finish(rows)
+            return rows
+        rows = self.layer_rows(b, layer, x, dy, layer_call(cm), probe=False)
+        del cm
+        torch._dynamo.reset()
+        return rows
+
+    def layer_rows(self, b: dict, layer, x, dy, call, inner=None, probe=True) -> list[dict]:
+        """fwd and fwd_bwd rows of call (the layer or a compiled layer), with the GEMM chain
+        timed alone on the layer's rows. probe=False: no stage ranges (they would break a
+        compiled graph)."""
         print(f"  {b['name']} ...", flush=True)
         marker = self.marker
-        factory = (lambda: LayerProbe(layer, marker=marker, inner=inner)) if (
+        factory = (lambda: LayerProbe(layer, marker=marker, inner=inner)) if probe and (
             marker is not None or inner is not None) else None
         rows = self.bench_model(b, call, list(layer.parameters()), x, dy,
                                 probe_factory=factory)
@@ -848,22 +891,28 @@ class Suite:
 
 # ---- derived fields, summary, output --------------------------------------------------
 
+def _compiled(r: dict) -> bool:
+    return r.get("variant", "").endswith("_compiled")
+
+
 def derive(rows: list[dict]) -> None:
-    """time_ratio_vs_static_topk and speedup_vs_eager, per shape and mode."""
+    """time_ratio_vs_static_topk (compiled rows: to the compiled static layer) and
+    speedup_vs_eager, per shape and mode."""
     ref = {}
     eager = {}
     for r in rows:
         if r.get("time_ms") is None:
             continue
         key = (r["shape"], r["mode"])
-        if r["variant"] == "static_topk":
-            ref[key] = r["time_ms"]
+        if r["variant"] in ("static_topk", "static_topk_compiled"):
+            ref[key + (_compiled(r),)] = r["time_ms"]
         elif r["variant"] == "eager_loop":
             eager[key] = r["time_ms"]
     for r in rows:
         key = (r.get("shape"), r.get("mode"))
         t = r.get("time_ms")
-        r["time_ratio_vs_static_topk"] = (t / ref[key]) if (t is not None and key in ref) else None
+        rk = key + (_compiled(r),)
+        r["time_ratio_vs_static_topk"] = (t / ref[rk]) if (t is not None and rk in ref) else None
         r["speedup_vs_eager"] = (eager[key] / t) if (t is not None and key in eager) else None
 
 
@@ -894,6 +943,12 @@ def summary(rows: list[dict], shapes: list[dict]) -> dict:
                     and x.get("routing_overhead_frac") is not None]
             ov[mode] = max(vals) if vals else None
         ent["max_routing_overhead_frac_anyexperts"] = ov
+        r = pick("anyexperts_compiled", "fwd_bwd", lo)
+        ent["ratio_lowest_avgk_vs_static_fwd_bwd_compiled"] = r and r["time_ratio_vs_static_topk"]
+        ent["routing_overhead_frac_compiled"] = {}
+        for mode in ("fwd", "fwd_bwd"):
+            r = pick("anyexperts_compiled", mode, lo)
+            ent["routing_overhead_frac_compiled"][mode] = r and r.get("routing_overhead_frac")
         ent["routing_overhead_target"] = 0.15
         r = pick("anyexperts", "fwd_bwd", hi)
         ent["speedup_vs_eager_fwd_bwd_at_avgk_topk"] = r and r["speedup_vs_eager"]
@@ -981,7 +1036,8 @@ def markdown(doc: dict) -> str:
              "",
              "fwd: forward under no_grad; fwd+bwd: forward + backward (output and aux loss). "
              "Times are medians in ms; `x static` is the time ratio to the same layer at "
-             "static top-K; overhead = layer time minus the two grouped GEMMs and the "
+             "static top-K (rows under torch.compile: to static top-K under torch.compile); "
+             "overhead = layer time minus the two grouped GEMMs and the "
              "activation timed alone on the same rows. Peak memory is for fwd+bwd.",
              ""]
     rows = doc.get("rows", [])
@@ -1033,15 +1089,20 @@ def markdown(doc: dict) -> str:
         lines += ["## Targets (issue 6)", "",
                   "| shape | AnyExperts lowest Avg-K / static, fwd+bwd (target <= 0.70) | "
                   "max routing overhead fwd / fwd+bwd (target <= 15% at E=128) | "
-                  "speedup vs eager, fwd+bwd, Avg-K = top-k (target >= 3x) |",
-                  "|---|---|---|---|"]
+                  "speedup vs eager, fwd+bwd, Avg-K = top-k (target >= 3x) | "
+                  "under torch.compile: ratio / overhead fwd / fwd+bwd |",
+                  "|---|---|---|---|---|"]
+
+        def pct(v):
+            return _fmt(v and 100 * v, "{:.1f}%")
         for name, e in summ.items():
             ov = e.get("max_routing_overhead_frac_anyexperts") or {}
+            oc = e.get("routing_overhead_frac_compiled") or {}
             ratio = _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd"), "{:.2f}")
-            lines.append(f"| {name} | {ratio}"
-                         f" | {_fmt(ov.get('fwd') and 100 * ov['fwd'], '{:.1f}%')} / "
-                         f"{_fmt(ov.get('fwd_bwd') and 100 * ov['fwd_bwd'], '{:.1f}%')} | "
-                         f"{_fmt(e.get('speedup_vs_eager_fwd_bwd_at_avgk_topk'), '{:.2f}x')} |")
+            ratio_c = _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_compiled"), "{:.2f}")
+            lines.append(f"| {name} | {ratio} | {pct(ov.get('fwd'))} / {pct(ov.get('fwd_bwd'))}"
+                         f" | {_fmt(e.get('speedup_vs_eager_fwd_bwd_at_avgk_topk'), '{:.2f}x')}"
+                         f" | {ratio_c} / {pct(oc.get('fwd'))} / {pct(oc.get('fwd_bwd'))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -1068,8 +1129,15 @@ def build_argparser() -> argparse.ArgumentParser:
                         "lowest)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (CPU runs on busy machines: 1)")
-    p.add_argument("--variants", default="static,anyexperts,weight0,tight,gmm,eager",
-                   help="subset of static,anyexperts,weight0,tight,gmm,eager")
+    p.add_argument("--variants", default="static,anyexperts,weight0,tight,compiled,gmm,eager",
+                   help="subset of static,anyexperts,weight0,tight,compiled,gmm,eager "
+                        "(compiled: static top-K and the lowest Avg-K under torch.compile)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled rows (CPU smoke tests: "
+                        "aot_eager, since inductor's C++ build takes minutes there)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compiled rows (e.g. reduce-overhead for "
+                        "CUDA graphs); default: torch's default")
     p.add_argument("--torch-gmm", choices=("auto", "on", "off"), default="auto",
                    help="torch._grouped_mm in the pipeline baseline: auto = on for CUDA "
                         "(when a probe call works), off on CPU (per-group loop)")

@@ -50,6 +50,7 @@ if [[ $steps == *bench* ]]; then
         done
         continue ;;
       grouped_mm_sweep) script=bench/bench_grouped_mm.py; extra=--sweep; limit=540 ;;
+      layer) script=bench/bench_layer.py; extra=; limit=420 ;;  # + inductor compiles
       *) script=bench/bench_$b.py; extra=; limit=240 ;;
     esac
     timeout ${BENCH_TIMEOUT:-$limit} python3 "$script" $extra --out "$OUT/$b.json" \

@@ -50,7 +50,7 @@ def _load_profile_module():
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "layer.json"
     _run(["bench/bench_layer.py", "--quick", "--device", "cpu", "--threads", "1",
-          "--out", str(out)])
+          "--compile-backend", "aot_eager", "--out", str(out)])
     with open(out) as f:
         return out, json.load(f)
 
@@ -64,7 +64,8 @@ def test_quick_suite_schema(quick_results):
     shapes = {s["name"]: s for s in doc["shapes"]}
     assert len(shapes) == 2
     variants = {"static_topk", "anyexperts", "anyexperts_tight_k", "weight0_all",
-                "grouped_mm_pipeline", "eager_loop"}
+                "static_topk_compiled", "anyexperts_compiled", "grouped_mm_pipeline",
+                "eager_loop"}
     for name, s in shapes.items():
         rows = [r for r in doc["rows"] if r["shape"] == name]
         assert {r["variant"] for r in rows} >= variants, name
@@ -80,7 +81,8 @@ def test_quick_suite_schema(quick_results):
             assert r["peak_mem_bytes"] is None          # CPU: no peak memory
         for r in rows:
             if r["variant"] in ("anyexperts", "anyexperts_tight_k", "static_topk", "weight0_all",
-                                "weight0_virtual"):
+                                "weight0_virtual", "static_topk_compiled",
+                                "anyexperts_compiled"):
                 assert r.get("expert_compute_ms") is not None, r["name"]
                 assert "routing_overhead_frac" in r
                 assert r["gemm_rows"] >= 0
@@ -94,12 +96,19 @@ def test_quick_suite_schema(quick_results):
                 assert abs(r["avg_real_experts"] - r["target_avg_k"]) <= 0.03 * r["target_avg_k"]
                 if r["mode"] == "fwd":   # the static rows R = T*K_max of the tight range
                     assert r["gemm_rows_capacity"] == s["T"] * min(s["top_k"], s["E"])
-            if r["variant"] == "static_topk":
+            if r["variant"] in ("static_topk", "static_topk_compiled"):   # each its own base
                 assert r["time_ratio_vs_static_topk"] == pytest.approx(1.0)
+            if r["variant"].endswith("_compiled"):   # the compiled graph computes the layer
+                assert r["check_rel_err"] < 1e-6, (r["name"], r["check_rel_err"])
+                if r["variant"] == "anyexperts_compiled":
+                    assert r["target_avg_k"] == min(s["avg_k_targets"])
             if r["variant"] == "weight0_all":   # every slot up to K_max computed
                 assert r["gemm_rows_per_token"] == pytest.approx(s["k_max"])
             if r.get("check_rel_err") is not None:   # fp32: baselines == the layer
                 assert r["check_rel_err"] < 1e-4, (r["name"], r["check_rel_err"])
+    for name, e in doc["summary"].items():
+        assert e["ratio_lowest_avgk_vs_static_fwd_bwd_compiled"] > 0, name
+        assert set(e["routing_overhead_frac_compiled"]) == {"fwd", "fwd_bwd"}, name
 
 
 def test_quick_suite_plot(quick_results, tmp_path):
