@@ -53,6 +53,7 @@ if __name__ == "profile":
 else:
     import argparse
     import json
+    import re
     import os
     import shutil
     import sqlite3
@@ -91,7 +92,7 @@ def attribute(ranges, kernels, steps):
     table = {s: {"fwd_gpu_ms": 0.0, "bwd_gpu_ms": 0.0, "fwd_cpu_ms": 0.0, "bwd_cpu_ms": 0.0,
                  "fwd_kernels": 0, "bwd_kernels": 0} for s in STAGES}
     other = {"gpu_ms": 0.0, "kernels": 0}
-    top_kernels = {}
+    top_kernels = {}   # (range, kernel) -> [ms, launches]
     # CPU wall time of the ranges (a range nested in one of the same stage is not re-counted)
     for r in stage_ranges:
         st, d = _stage_of(r[0])
@@ -121,7 +122,9 @@ def attribute(ranges, kernels, steps):
             table[st][f"{d}_gpu_ms"] += dur / 1e6
             table[st][f"{d}_kernels"] += 1
             key = (best[0], kname)
-        top_kernels[key] = top_kernels.get(key, 0.0) + dur / 1e6
+        acc = top_kernels.setdefault(key, [0.0, 0])
+        acc[0] += dur / 1e6
+        acc[1] += 1
     n = max(steps, 1)
     for row in table.values():
         for k in list(row):
@@ -132,12 +135,36 @@ def attribute(ranges, kernels, steps):
     other = {"gpu_ms": other["gpu_ms"] / n, "kernels": other["kernels"] / n}
     found = sorted({r[0] for r in stage_ranges})
     step_wall = sum(s[3] - s[2] for s in step_ranges) / 1e6 / n if step_ranges else None
-    tops = sorted(top_kernels.items(), key=lambda kv: -kv[1])[:15]
+    tops = sorted(top_kernels.items(), key=lambda kv: -kv[1][0])
     return dict(stages=table, other=other, gpu_total_ms=total_gpu / n, kernels_per_step=in_step / n,
                 step_wall_ms=step_wall, steps=steps, ranges_found=found,
                 stages_missing_fwd=[s for s in STAGES if s not in found],
                 stages_missing_bwd=[s for s in STAGES if BWD + s not in found],
-                top_kernels=[dict(range=k[0], kernel=k[1], ms_per_step=v / n) for k, v in tops])
+                top_kernels=[dict(range=k[0], kernel=k[1], ms_per_step=v[0] / n,
+                                  launches_per_step=v[1] / n) for k, v in tops])
+
+
+_GENERIC = {"elementwise_kernel", "vectorized_elementwise_kernel", "unrolled_elementwise_kernel",
+            "gpu_kernel_impl", "gpu_kernel_impl_nocast", "launch_kernel", "index_elementwise_kernel",
+            "reduce_kernel", "ReduceOp", "Array", "native"}
+
+
+def short_kernel_name(name: str) -> str:
+    """A readable kernel name: the launching function plus the functors named inside its
+    template arguments (ATen), or the CUTLASS kernel schedule and MMA atom; the JSON keeps
+    the full name."""
+    name = name.strip()
+    if name.startswith("_ZN7cutlass") or name.startswith("cutlass"):
+        parts = re.findall(r"Kernel(?:PtrArray)?TmaWarpSpecialized(?:Cooperative|Pingpong)"
+                           r"|MMA_\d+x\d+x\d+", name)
+        return "cutlass " + " ".join(dict.fromkeys(parts))
+    name = name.replace("(anonymous namespace)::", "")
+    if name.startswith("void "):
+        name = name[5:]
+    head = name.split("<", 1)[0].split("(", 1)[0]
+    inner = re.findall(r"at::native::(\w+)", name)
+    extra = [w for w in dict.fromkeys(inner) if w not in _GENERIC and w not in head]
+    return head + (" [" + ", ".join(extra[:3]) + "]" if extra else "")
 
 
 def print_table(res, source):
@@ -181,9 +208,21 @@ def print_table(res, source):
     if res["stages_missing_bwd"]:
         print(f"backward stages with no range: {', '.join(res['stages_missing_bwd'])}")
     if res.get("top_kernels"):
-        print("\ntop kernels (ms per step):")
+        print("\ntop kernels (ms per step, launches per step):")
         for k in res["top_kernels"][:10]:
-            print(f"  {k['ms_per_step']:9.3f}  [{k['range']}] {k['kernel'][:90]}")
+            print(f"  {k['ms_per_step']:9.3f} {k.get('launches_per_step', 0):4.0f}x  "
+                  f"[{k['range']}] {short_kernel_name(k['kernel'])[:100]}")
+        print("\nkernels by range (the three largest of each; ms per step, launches):")
+        by_range = {}
+        for k in res["top_kernels"]:
+            by_range.setdefault(k["range"], []).append(k)
+        for rng in sorted(by_range, key=lambda r: -sum(k["ms_per_step"] for k in by_range[r])):
+            ks = by_range[rng]
+            print(f"  {rng}: {sum(k['ms_per_step'] for k in ks):.3f} ms in "
+                  f"{sum(k.get('launches_per_step', 0) for k in ks):.0f} launches")
+            for k in ks[:3]:
+                print(f"    {k['ms_per_step']:8.3f} {k.get('launches_per_step', 0):4.0f}x  "
+                      f"{short_kernel_name(k['kernel'])[:100]}")
 
 
 # ---- the workload ---------------------------------------------------------------------

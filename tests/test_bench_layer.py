@@ -151,7 +151,7 @@ def test_profile_tolerates_missing_stages(tmp_path, capsys):
     assert "forward stages with no range: importance" in text
 
 
-def test_profile_attribution_and_nsys_sqlite(tmp_path):
+def test_profile_attribution_and_nsys_sqlite(tmp_path, capsys):
     """The GPU-side attribution (kernels to the innermost stage range on the launching
     thread) on synthetic data, through the same SQL the nsys path runs."""
     prof = _load_profile_module()
@@ -189,7 +189,27 @@ def test_profile_attribution_and_nsys_sqlite(tmp_path):
     assert res["other"]["gpu_ms"] == pytest.approx(3.0)
     assert set(res["ranges_found"]) == {"gemm1", "router", "bwd:gemm1"}
     assert "importance" in res["stages_missing_fwd"]
+    tops = {(k["range"], k["kernel"]): k for k in res["top_kernels"]}
+    assert tops[("gemm1", "cutlass_kernel")]["launches_per_step"] == 1
+    assert tops[("other", "cutlass_kernel")]["launches_per_step"] == 2
+    assert tops[("other", "cutlass_kernel")]["ms_per_step"] == pytest.approx(3.0)
     prof.print_table(res, "synthetic")
+    text = capsys.readouterr().out
+    assert "kernels by range" in text and "  other: 3.000 ms in 2 launches" in text
+
+
+def test_profile_short_kernel_names():
+    prof = _load_profile_module()
+    aten = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+            "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>(int)")
+    assert prof.short_kernel_name(aten) == "at::native::elementwise_kernel [direct_copy_kernel_cuda]"
+    ours = "void anyexperts::(anonymous namespace)::gather_kernel<c10::BFloat16, 8>(int, int)"
+    assert prof.short_kernel_name(ours) == "anyexperts::gather_kernel"
+    cutlass = ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShape"
+               "NS1_43KernelPtrArrayTmaWarpSpecializedCooperativeEEENS6_IJNSC_ILi128EEENS5_4SM90"
+               "4GMMA28MMA_64x256x16_F32BF16BF16_SSILNSV_5MajorE0E")
+    assert prof.short_kernel_name(cutlass) == \
+        "cutlass KernelPtrArrayTmaWarpSpecializedCooperative MMA_64x256x16"
 
 
 def test_profile_module_does_not_shadow_stdlib():
