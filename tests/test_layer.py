@@ -455,3 +455,63 @@ def test_cuda_no_host_sync_and_matches_cpu():
     for n in g_cpu:
         _close(g[n].cpu(), g_cpu[n], f"cuda grad {n}", rtol=1e-4)
     torch.testing.assert_close(mc.importance_bias.cpu(), m.importance_bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_training_step_replays_eager(dtype):
+    """The whole training step (forward, aux loss, backward, budget controller) captured
+    once in a CUDA graph and replayed on new tokens equals the eager step on those tokens.
+    The routing, and with it every group size, changes between replays: a kernel that took
+    its sizes from the host at capture time would replay stale ones. bf16 runs the SM90
+    grouped GEMM on Hopper (H and F multiples of 8 for its 16-byte rows)."""
+    torch.manual_seed(0)
+    Hg, Fg, T = 64, 32, 192
+    cfg = presets.anyexperts(Hg, Fg, 8, num_virtual=3, virtual_kinds=("zero", "copy", "const"),
+                             k_min=1, k_max=6, rho_max=Fraction(1, 2), target_avg_k=3.0)
+    m = AnyExpertsMoE(cfg).to("cuda", dtype).train()
+    with torch.no_grad():
+        m.router.weight[8:] *= 4.0
+        m.const_vectors.normal_()
+        m.importance.net[-1].weight.mul_(8.0)
+    static_x = torch.randn(T, Hg, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(T, Hg, device="cuda", dtype=dtype)
+    params = list(m.parameters())
+
+    def step(model, x):
+        out, aux = model(x)
+        torch.autograd.backward([out, aux.loss], [dy, torch.ones_like(aux.loss)])
+        return out, aux.routing.ids
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up off the capture stream (lazy inits, workspaces)
+        for _ in range(3):
+            step(m, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in [static_x, *params]:
+        t.grad = None               # the captured backward allocates them in the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_ids = step(m, static_x)
+    ref = copy.deepcopy(m)          # capture ran nothing: m's state is the warm-up's
+    rtol = 1e-5 if dtype == torch.float32 else 1e-3
+    seen = []
+    for i in range(3):
+        x = torch.randn(T, Hg, device="cuda", dtype=dtype) * (1 + i)
+        with torch.no_grad():
+            static_x.copy_(x)
+        graph.replay()
+        xr = x.clone().requires_grad_(True)
+        for p in ref.parameters():
+            p.grad = None
+        r_out, r_ids = step(ref, xr)
+        torch.cuda.synchronize()
+        assert torch.equal(g_ids, r_ids), f"replay {i}: routing"
+        _close(g_out, r_out, f"replay {i}: out", rtol=rtol)
+        _close(static_x.grad, xr.grad, f"replay {i}: grad x", rtol=rtol)
+        for (n, p), pr in zip(m.named_parameters(), ref.parameters()):
+            _close(p.grad, pr.grad, f"replay {i}: grad {n}", rtol=rtol)
+        torch.testing.assert_close(m.importance_bias, ref.importance_bias)
+        seen.append(g_ids.clone())
+    assert not torch.equal(seen[0], seen[1]), "the replays must route differently"
