@@ -94,6 +94,7 @@ CASES = {
     "topk-mv-len": (topk(mv=z(5, dtype=I32)),
                     "segmented_topk: slots and max_virtual must have one entry per token"),
     "topk-kmax": (topk(k_max=-1), "segmented_topk: k_max must be >= 0, got -1"),
+    "topk-kmax-int32": (topk(k_max=2**31), "segmented_topk: k_max must fit in int32"),
     "topk-num-real-neg": (topk(num_real=-1), "segmented_topk: num_real must be in [0, E]"),
     "topk-num-real-big": (topk(num_real=6), "segmented_topk: num_real must be in [0, E]"),
     "topk-norm": (topk(norm="softmax"), f"segmented_topk: {NORM_MSG}"),
@@ -119,6 +120,10 @@ CASES = {
     "permute-num-real": (perm(num_real=0), "permute: num_real must be >= 1, got 0"),
     "permute-align": (perm(align=0), "permute: align must be >= 1, got 0"),
     "permute-R-int32": (perm(num_real=2, align=2**30 + 1), "must fit in int32"),
+    # num_real * (align - 1) overflows int64 (a wrapped R must not size the output)
+    "permute-R-overflow": (perm(num_real=2, align=2**63 - 1), "R = T*K + num_real*(align-1)"),
+    "permute-R-wraps-small": (perm(num_real=4, align=2**62 + 1), "R = T*K + num_real*(align-1)"),
+    "permute-num-real-int32": (perm(num_real=2**31), "permute: num_real must fit in int32"),
     # grouped_mm
     "gmm-a-dtype": (gmm(a=z(10, 4, dtype=I32)), f"grouped_mm: a {FLOATS}"),
     "gmm-a-rank": (gmm(a=z(10, 4, 1)), "grouped_mm: a must be 2-D, got 3-D"),

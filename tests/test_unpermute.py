@@ -195,6 +195,28 @@ def test_grad_matches_reference_autograd(dtype):
     assert (gw[~live] == 0).all(), "masked slots get zero weight grad"
 
 
+def test_grad_ignores_nan_behind_masked_slots():
+    """NaN in a masked slot's weight, or in a row no live slot reads, reaches no gradient:
+    not in the op, not in the reference (a NaN-logit token can carry a NaN weight on a slot
+    that permute masked)."""
+    T, K, R, H = 20, 4, 50, 8
+    slot_rows = random_slot_rows(T, K, R, masked=0.4)
+    live = (slot_rows >= 0) & (slot_rows < R)
+    read = torch.zeros(R, dtype=torch.bool)
+    read[slot_rows[live].long()] = True
+    y0 = torch.randn(R, H)
+    y0[~read] = NAN
+    w0 = torch.randn(T, K)
+    w0[~live] = NAN
+    g = torch.randn(T, H)
+    for fn in (ops.unpermute, ref.unpermute):
+        y = y0.clone().requires_grad_()
+        w = w0.clone().requires_grad_()
+        fn(y, slot_rows, w).backward(g)
+        assert torch.isfinite(y.grad).all() and (y.grad[~read] == 0).all(), fn
+        assert torch.isfinite(w.grad).all() and (w.grad[~live] == 0).all(), fn
+
+
 def test_backward_op_direct():
     T, K, R, H = 9, 3, 15, 6
     y = torch.randn(R, H, dtype=torch.float64)

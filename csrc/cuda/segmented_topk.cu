@@ -15,7 +15,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 
 #include "anyexperts/checks.h"
@@ -412,10 +411,9 @@ unsigned fast_blocks(int64_t tokens) {
   return static_cast<unsigned>((tokens + kTokensPerBlock - 1) / kTokensPerBlock);
 }
 
-void check_launch_sizes(const char* op, int64_t tokens, int64_t E, int64_t k) {
-  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(E <= kIntMax && k <= kIntMax, op, ": E and k must fit in int32 (ids are int32)");
-  TORCH_CHECK(tokens <= kIntMax, op, ": at most 2^31 - 1 tokens on CUDA, got ", tokens);
+// One warp or block per token, indexed in int: E and k are bounded by the shared checks.
+void check_launch_tokens(const char* op, int64_t tokens) {
+  TORCH_CHECK(tokens <= kInt32Max, op, ": at most 2^31 - 1 tokens on CUDA, got ", tokens);
 }
 
 std::tuple<at::Tensor, at::Tensor> segmented_topk_cuda(const at::Tensor& logits,
@@ -432,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_cuda(const at::Tensor& logits,
   const at::Tensor mv = max_virtual.contiguous();
   const int64_t tokens = lg.size(0);
   const int64_t E = lg.size(1);
-  check_launch_sizes("segmented_topk", tokens, E, k_max);
+  check_launch_tokens("segmented_topk", tokens);
   at::Tensor ids = at::empty({tokens, k_max}, lg.options().dtype(at::kInt));
   at::Tensor weights =
       at::empty({tokens, k_max}, lg.options().dtype(accumulate_dtype(lg.scalar_type())));
@@ -469,7 +467,7 @@ at::Tensor segmented_topk_backward_cuda(const at::Tensor& grad_weights, const at
                                         const at::Tensor& ids, int64_t num_real,
                                         c10::string_view norm) {
   check_segmented_topk_backward(grad_weights, logits, ids, num_real);
-  const Norm rule = parse_norm(norm);
+  const Norm rule = parse_norm(norm, "segmented_topk_backward");
   const c10::cuda::CUDAGuard guard(logits.device());
   const cuda::NvtxRange range("anyexperts::segmented_topk_backward");
   const at::Tensor lg = logits.contiguous();
@@ -478,7 +476,7 @@ at::Tensor segmented_topk_backward_cuda(const at::Tensor& grad_weights, const at
   const int64_t tokens = lg.size(0);
   const int64_t E = lg.size(1);
   const int64_t K = id.size(1);
-  check_launch_sizes("segmented_topk_backward", tokens, E, K);
+  check_launch_tokens("segmented_topk_backward", tokens);
   at::Tensor grad = at::empty_like(lg);
   if (tokens == 0 || E == 0) return grad;
 

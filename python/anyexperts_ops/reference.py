@@ -172,7 +172,8 @@ def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor, *
               zero_unreferenced: bool = True) -> torch.Tensor:
     """out[t] = sum over j ascending of weights[t,j] * y[slot_rows[t,j]], skipping -1.
 
-    Rows outside [0, R) count as -1.
+    Rows outside [0, R) count as -1. A skipped slot takes no part, in the gradient either:
+    both factors are masked before the product, so a NaN weight or row behind it stays out.
     """
     acc = _opmath(y.dtype)
     T, K = slot_rows.shape
@@ -180,9 +181,10 @@ def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor, *
     out = y.new_zeros((T, y.shape[1]), dtype=acc)
     for j in range(K):
         r = slot_rows[:, j].long()
-        live = ((r >= 0) & (r < R)).unsqueeze(1)
+        live = (r >= 0) & (r < R)
         if R == 0:
             continue
-        term = weights[:, j].to(acc).unsqueeze(1) * y[r.clamp(0, R - 1)].to(acc)
-        out = out + torch.where(live, term, torch.zeros_like(term))
+        w = torch.where(live, weights[:, j].to(acc), 0.0).unsqueeze(1)
+        rows = torch.where(live.unsqueeze(1), y[r.clamp(0, R - 1)].to(acc), 0.0)
+        out = out + w * rows
     return _connected(out, y, weights).to(y.dtype)

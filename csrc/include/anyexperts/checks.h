@@ -12,6 +12,9 @@
 
 namespace anyexperts {
 
+// ids, slot rows and offsets are int32: the sizes they index must fit.
+constexpr int64_t kInt32Max = 2147483647;
+
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
@@ -67,6 +70,9 @@ inline void check_segmented_topk(const at::Tensor& logits, const at::Tensor& slo
               ": slots and max_virtual must have one entry per token (", logits.size(0),
               "), got ", slots.size(0), " and ", max_virtual.size(0));
   TORCH_CHECK(k_max >= 0, op, ": k_max must be >= 0, got ", k_max);
+  TORCH_CHECK(k_max <= kInt32Max, op, ": k_max must fit in int32 (ids are int32), got ", k_max);
+  TORCH_CHECK(logits.size(1) <= kInt32Max, op, ": E must fit in int32 (ids are int32), got ",
+              logits.size(1));
   TORCH_CHECK(num_real >= 0 && num_real <= logits.size(1), op,
               ": num_real must be in [0, E] with E = ", logits.size(1), ", got ", num_real);
 }
@@ -82,6 +88,8 @@ inline void check_segmented_topk_backward(const at::Tensor& grad_weights,
               grad_weights.sizes());
   check_float(grad_weights, op, "grad_weights", 2);
   TORCH_CHECK(ids.size(0) == logits.size(0), op, ": ids must have one row per token");
+  TORCH_CHECK(logits.size(1) <= kInt32Max && ids.size(1) <= kInt32Max, op,
+              ": E and K must fit in int32 (ids are int32)");
   check_same_device(logits, ids, op, "logits", "ids");
   check_same_device(logits, grad_weights, op, "logits", "grad_weights");
   TORCH_CHECK(num_real >= 0 && num_real <= logits.size(1), op,
@@ -97,10 +105,14 @@ inline void check_permute(const at::Tensor& x, const at::Tensor& ids, int64_t nu
   TORCH_CHECK(ids.size(0) == x.size(0), op, ": ids must have one row per token of x (",
               x.size(0), "), got ", ids.size(0));
   TORCH_CHECK(num_real >= 1, op, ": num_real must be >= 1, got ", num_real);
+  TORCH_CHECK(num_real <= kInt32Max, op, ": num_real must fit in int32, got ", num_real);
   TORCH_CHECK(align >= 1, op, ": align must be >= 1, got ", align);
-  TORCH_CHECK(permuted_rows(ids.size(0), ids.size(1), num_real, align) <
-                  (int64_t{1} << 31),
-              op, ": R = T*K + num_real*(align-1) must fit in int32 (slot_rows are int32)");
+  // R = T*K + num_real*(align-1) <= 2^31 - 1, tested without forming the product, which
+  // can overflow int64 for a huge align.
+  const int64_t slots = ids.numel();
+  TORCH_CHECK(slots <= kInt32Max && align - 1 <= (kInt32Max - slots) / num_real, op,
+              ": R = T*K + num_real*(align-1) must fit in int32 (slot_rows are int32); got T*K = ",
+              slots, ", num_real = ", num_real, ", align = ", align);
 }
 
 inline void check_grouped_mm(const at::Tensor& a, const at::Tensor& b,
