@@ -544,6 +544,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
   check_grouped_mm(a, b, offsets_in);
   TORCH_CHECK(a.is_cuda(), "grouped_mm: expected CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::NvtxRange range("anyexperts::grouped_mm");
   const int64_t R = a.size(0), K = a.size(1), N = b.size(2), G = b.size(0);
   auto out = at::empty({R, N}, a.options());
   if (R == 0 || N == 0) return out;
@@ -565,6 +566,7 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dout,
   check_grouped_mm_wgrad(a, dout, offsets_in);
   TORCH_CHECK(a.is_cuda(), "grouped_mm_wgrad: expected CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::NvtxRange range("anyexperts::grouped_mm_wgrad");
   const int64_t R = a.size(0), K = a.size(1), N = dout.size(1), G = offsets_in.size(0);
   auto db = at::empty({G, K, N}, a.options());
   if (G == 0 || K == 0 || N == 0) return db;
