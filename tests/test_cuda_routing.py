@@ -416,6 +416,34 @@ def test_unpermute_matches_cpu(gen, dtype):
         _close(gw, cgw, "grad_w")
 
 
+@_needs_cpu("unpermute_backward")
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_unpermute_backward_sums_shared_rows(gen, dtype):
+    """Rows that several slots refer to (permute never makes them, the contract allows them):
+    grad_y is the sum over those slots, as on the CPU and in the reference, with the same
+    bits on every run; rows no slot refers to are zero."""
+    T, K, R = 64, 6, 40                     # 384 slots on 40 rows: most rows are shared
+    for H in (72, 65):                      # 16-byte vectors, and the scalar path
+        y = torch.randn(R, H, generator=gen).to(dtype)
+        rows = _ints(gen, -2, R + 1, (T, K))  # -2, -1, R and R + 1 are masked
+        rows[(rows >= R - 4) & (rows < R)] = -1   # the last 4 rows: no slot refers to them
+        rows[0] = 3                           # a whole token on one row
+        w = _weights_for(gen, T, K, dtype)
+        go = torch.randn(T, H, generator=gen).to(dtype)
+        gy, gw = _poisoned(ops.unpermute_backward, *_cuda(go, y, rows, w))
+        for _ in range(2):
+            again = ops.unpermute_backward(*_cuda(go, y, rows, w))
+            _exact(again[0], gy, f"grad_y run to run (H={H})")
+            _exact(again[1], gw, f"grad_w run to run (H={H})")
+        cgy, cgw = ops.unpermute_backward(go, y, rows, w)
+        rtol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+        _close(gy, cgy, f"grad_y vs CPU (H={H})", rtol=rtol)
+        _close(gw, cgw, f"grad_w vs CPU (H={H})", rtol=1e-12 if dtype == torch.float64 else 1e-5)
+        gy64, gw64 = _ref_unpermute_grads(y.double(), rows, w.double(), go)
+        _check_float(gy, gy64.to(gy.dtype), gy64, f"grad_y vs reference (H={H})")
+        assert (gy.cpu()[R - 4:] == 0).all(), "rows no slot refers to"
+
+
 @_needs_cpu("permute", "unpermute", "unpermute_backward")
 def test_permute_unpermute_large_T_matches_cpu(gen):
     T, K, N, H = 262144, 8, 64, 16

@@ -2,20 +2,24 @@
 //
 // Forward: one warp per token gathers the token's slot rows and reduces them in registers
 // (fp32, fp64 for fp64 y), j ascending, so there are no atomics and the sum order is fixed.
-// Backward: one warp per slot reads grad_out[t] and y[row] once, writing
-// grad_y[row] = w * grad_out[t] and grad_weights = <grad_out[t], y[row]>; a second pass
-// zeroes the rows no slot refers to (unless zero_unreferenced is false). Rows are 16-byte
-// vectors where alignment allows.
+// Backward: a stable radix sort orders the slots by row (ascending slot order within a row),
+// then one warp per row writes grad_y[row] = sum of w * grad_out[t] over the row's slots in
+// that order, fp32, so rows shared by several slots are summed deterministically, not raced.
+// A row with one slot (every row permute makes) takes one pass that also writes
+// grad_weights = <grad_out[t], y[row]>. Rows no slot refers to are zeroed (unless
+// zero_unreferenced is false). Rows are 16-byte vectors where alignment allows.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cub/device/device_radix_sort.cuh>
 #include <tuple>
 #include <type_traits>
 
@@ -81,63 +85,147 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Live rows are assumed distinct, as permute produces them: each row of grad_y then has at
-// most one writer. Rows shared by several slots would race here (last writer wins).
+// ---- backward ------------------------------------------------------------------------
+
+// keys[s] = slot_rows[s] where live, else `rows` (sorts after every live row); vals[s] = s.
+// Keys are unsigned so the radix sort reads only their low end_bit bits as they are.
+__global__ void __launch_bounds__(kThreads)
+    slot_keys_kernel(const int32_t* __restrict__ slot_rows, int64_t slots, int64_t rows,
+                     uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
+  const int64_t s = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (s >= slots) return;
+  const int32_t r = slot_rows[s];
+  keys[s] = static_cast<uint32_t>(is_live_row(r, rows) ? int64_t{r} : rows);
+  vals[s] = static_cast<int32_t>(s);
+}
+
+// first[r] = position of row r's first slot in the sorted order (stays -1 without slots).
+__global__ void __launch_bounds__(kThreads)
+    row_starts_kernel(const uint32_t* __restrict__ sorted_rows, int64_t slots, int64_t rows,
+                      int32_t* __restrict__ first) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i >= slots) return;
+  const uint32_t r = sorted_rows[i];
+  if (r < rows && (i == 0 || sorted_rows[i - 1] != r)) first[r] = static_cast<int32_t>(i);
+}
+
 template <typename scalar_t, typename weight_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     unpermute_backward_kernel(const scalar_t* __restrict__ grad_out,
                               const scalar_t* __restrict__ y,
-                              const int32_t* __restrict__ slot_rows,
-                              const weight_t* __restrict__ weights, scalar_t* __restrict__ grad_y,
-                              weight_t* __restrict__ grad_weights,
-                              uint8_t* __restrict__ referenced, int64_t slots, int64_t k,
-                              int64_t rows, int64_t vecs) {
+                              const weight_t* __restrict__ weights,
+                              const uint32_t* __restrict__ sorted_rows,
+                              const int32_t* __restrict__ sorted_slots,
+                              const int32_t* __restrict__ first, scalar_t* __restrict__ grad_y,
+                              weight_t* __restrict__ grad_weights, bool zero_unreferenced,
+                              int64_t slots, int64_t k, int64_t rows, int64_t vecs) {
   using acc_t = opmath_t<scalar_t>;
   using V = Pack<scalar_t, kVec>;
   const V* gv = reinterpret_cast<const V*>(grad_out);
   const V* yv = reinterpret_cast<const V*>(y);
   V* gyv = reinterpret_cast<V*>(grad_y);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t s = cuda::global_warp(); s < slots; s += cuda::global_warp_count()) {
-    const int32_t r = slot_rows[s];
-    if (!is_live_row(r, rows)) {
-      if (lane == 0) grad_weights[s] = 0;
+  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
+    const int64_t i0 = first[r];
+    if (i0 < 0) {
+      if (zero_unreferenced) {
+        for (int64_t v = lane; v < vecs; v += kWarp) gyv[r * vecs + v] = V{};
+      }
       continue;
     }
-    const int64_t t = s / k;
-    const acc_t w = static_cast<acc_t>(weights[s]);
-    acc_t dot = 0;
+    int64_t i1 = i0 + 1;
+    while (i1 < slots && sorted_rows[i1] == r) ++i1;
+    if (i1 == i0 + 1) {  // one slot (every row permute makes): one pass for both gradients
+      const int64_t s = sorted_slots[i0];
+      const int64_t t = s / k;
+      const acc_t w = static_cast<acc_t>(weights[s]);
+      acc_t dot = 0;
+      for (int64_t v = lane; v < vecs; v += kWarp) {
+        const V g = gv[t * vecs + v];
+        const V x = yv[r * vecs + v];
+        V o;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const acc_t ge = static_cast<acc_t>(g.v[e]);
+          dot = fma(ge, static_cast<acc_t>(x.v[e]), dot);
+          o.v[e] = static_cast<scalar_t>(cuda::mul_rn(w, ge));
+        }
+        gyv[r * vecs + v] = o;
+      }
+      dot = cuda::warp_sum(dot);
+      if (lane == 0) grad_weights[s] = static_cast<weight_t>(dot);
+      continue;
+    }
     for (int64_t v = lane; v < vecs; v += kWarp) {
-      const V g = gv[t * vecs + v];
-      const V x = yv[r * vecs + v];
+      acc_t acc[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t s = sorted_slots[i];
+        const acc_t w = static_cast<acc_t>(weights[s]);
+        const V g = gv[(s / k) * vecs + v];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc[e] = acc[e] + cuda::mul_rn(w, static_cast<acc_t>(g.v[e]));
+        }
+      }
       V o;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const acc_t ge = static_cast<acc_t>(g.v[e]);
-        dot = fma(ge, static_cast<acc_t>(x.v[e]), dot);
-        o.v[e] = static_cast<scalar_t>(cuda::mul_rn(w, ge));
-      }
+      for (int e = 0; e < kVec; ++e) o.v[e] = static_cast<scalar_t>(acc[e]);
       gyv[r * vecs + v] = o;
     }
-    dot = cuda::warp_sum(dot);
-    if (lane == 0) {
-      grad_weights[s] = static_cast<weight_t>(dot);
-      if (referenced != nullptr) referenced[r] = 1;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = sorted_slots[i];
+      acc_t dot = 0;
+      for (int64_t v = lane; v < vecs; v += kWarp) {
+        const V g = gv[(s / k) * vecs + v];
+        const V x = yv[r * vecs + v];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          dot = fma(static_cast<acc_t>(g.v[e]), static_cast<acc_t>(x.v[e]), dot);
+        }
+      }
+      dot = cuda::warp_sum(dot);
+      if (lane == 0) grad_weights[s] = static_cast<weight_t>(dot);
     }
   }
 }
 
-template <typename scalar_t, int kVec>
-__global__ void __launch_bounds__(kThreads)
-    zero_unreferenced_kernel(const uint8_t* __restrict__ referenced,
-                             scalar_t* __restrict__ grad_y, int64_t rows, int64_t vecs) {
-  using V = Pack<scalar_t, kVec>;
-  V* gyv = reinterpret_cast<V*>(grad_y);
-  const int lane = threadIdx.x % kWarp;
-  for (int64_t r = cuda::global_warp(); r < rows; r += cuda::global_warp_count()) {
-    if (referenced[r]) continue;
-    for (int64_t v = lane; v < vecs; v += kWarp) gyv[r * vecs + v] = V{};
-  }
+// Slot indices ordered by row: {sorted rows, sorted slots, first position of each row}.
+// Rows are uint32 keys stored in int32 tensors; they need only the bits of `rows` (the
+// sentinel), so the sort makes few passes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_slots_by_row(const at::Tensor& slot_rows,
+                                                                  int64_t rows,
+                                                                  cudaStream_t stream) {
+  const int64_t slots = slot_rows.numel();
+  const auto i32 = slot_rows.options().dtype(at::kInt);
+  at::Tensor keys = at::empty({slots}, i32), vals = at::empty({slots}, i32);
+  at::Tensor sorted_rows = at::empty({slots}, i32), sorted_slots = at::empty({slots}, i32);
+  at::Tensor first = at::full({rows}, -1, i32);
+  auto as_keys = [](const at::Tensor& t) {
+    return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>());
+  };
+  const unsigned blocks = static_cast<unsigned>((slots + kThreads - 1) / kThreads);
+  slot_keys_kernel<<<blocks, kThreads, 0, stream>>>(slot_rows.const_data_ptr<int32_t>(), slots,
+                                                    rows, as_keys(keys),
+                                                    vals.mutable_data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  int end_bit = 1;
+  while ((int64_t{1} << end_bit) <= rows) ++end_bit;
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, as_keys(keys), as_keys(sorted_rows), vals.const_data_ptr<int32_t>(),
+      sorted_slots.mutable_data_ptr<int32_t>(), static_cast<int>(slots), 0, end_bit, stream));
+  // From the caching allocator: no cudaMalloc, and CUDA-graph capture keeps it alive.
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, i32.dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.mutable_data_ptr(), temp_bytes, as_keys(keys), as_keys(sorted_rows),
+      vals.const_data_ptr<int32_t>(), sorted_slots.mutable_data_ptr<int32_t>(),
+      static_cast<int>(slots), 0, end_bit, stream));
+  row_starts_kernel<<<blocks, kThreads, 0, stream>>>(as_keys(sorted_rows), slots, rows,
+                                                     first.mutable_data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sorted_rows, sorted_slots, first};
 }
 
 // ---- host -----------------------------------------------------------------------------
@@ -204,13 +292,20 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   const int64_t k = rc.size(1);
   const int64_t rows = yc.size(0);
   const int64_t hidden = yc.size(1);
+  TORCH_CHECK(slots <= kInt32Max && rows <= kInt32Max,
+              "unpermute_backward: at most 2^31 - 1 slots and rows of y on CUDA, got ", slots,
+              " and ", rows);
   at::Tensor grad_y = at::empty({rows, hidden}, yc.options());
-  at::Tensor grad_weights = at::empty(wc.sizes(), wc.options());
-  at::Tensor referenced;  // stays undefined when unreferenced rows are left unwritten
-  if (zero_unreferenced) referenced = at::zeros({rows}, yc.options().dtype(at::kByte));
-  uint8_t* referenced_ptr = zero_unreferenced ? referenced.mutable_data_ptr<uint8_t>() : nullptr;
+  at::Tensor grad_weights = at::zeros(wc.sizes(), wc.options());  // masked slots stay 0
+  if (rows == 0) return {grad_y, grad_weights};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor sorted_rows, sorted_slots, first;
+  if (slots > 0) {
+    std::tie(sorted_rows, sorted_slots, first) = sort_slots_by_row(rc, rows, stream);
+  } else {
+    first = at::full({rows}, -1, rc.options());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, yc.scalar_type(),
                                   "unpermute_backward_cuda", [&] {
     const int width = cuda::vec_width<scalar_t>(
@@ -219,22 +314,17 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
       using weight_t = decltype(w);
       cuda::with_vec<scalar_t>(width, [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
-        if (slots > 0) {
-          unpermute_backward_kernel<scalar_t, weight_t, kVec>
-              <<<cuda::grid_for(slots, kWarpsPerBlock), kThreads, 0, stream>>>(
-                  gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(),
-                  rc.const_data_ptr<int32_t>(), wc.const_data_ptr<weight_t>(),
-                  grad_y.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<weight_t>(),
-                  referenced_ptr, slots, k, rows, hidden / kVec);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (zero_unreferenced && rows > 0 && hidden > 0) {
-          zero_unreferenced_kernel<scalar_t, kVec>
-              <<<cuda::grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
-                  referenced.const_data_ptr<uint8_t>(), grad_y.mutable_data_ptr<scalar_t>(), rows,
-                  hidden / kVec);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        unpermute_backward_kernel<scalar_t, weight_t, kVec>
+            <<<cuda::grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+                gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(),
+                wc.const_data_ptr<weight_t>(),
+                slots > 0 ? reinterpret_cast<const uint32_t*>(sorted_rows.const_data_ptr<int32_t>())
+                          : nullptr,
+                slots > 0 ? sorted_slots.const_data_ptr<int32_t>() : nullptr,
+                first.const_data_ptr<int32_t>(), grad_y.mutable_data_ptr<scalar_t>(),
+                grad_weights.mutable_data_ptr<weight_t>(), zero_unreferenced, slots, k, rows,
+                hidden / kVec);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
