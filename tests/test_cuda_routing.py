@@ -416,32 +416,56 @@ def test_unpermute_matches_cpu(gen, dtype):
         _close(gw, cgw, "grad_w")
 
 
+def _shared_slot_rows(gen, T, K, R, kind):
+    """slot_rows with rows that several slots share: "dense" (most rows shared, the last 4
+    referenced by none, a whole token on row 3) or "mixed" (distinct rows, as permute makes
+    them, with a few slots sent to rows other slots already use)."""
+    if kind == "dense":
+        rows = _ints(gen, -2, R + 1, (T, K))       # -2, -1, R and R + 1 are masked
+        rows[(rows >= R - 4) & (rows < R)] = -1    # the last 4 rows: no slot refers to them
+        rows[0] = 3
+        return rows
+    rows = _slot_rows(gen, T, K, R)
+    flat = rows.view(-1)
+    live = ((flat >= 0) & (flat < R)).nonzero().view(-1)
+    pick = live[torch.randperm(len(live), generator=gen)[:8]]
+    flat[pick[4:]] = flat[pick[:4]]                # 4 slots join the rows of 4 others
+    return rows
+
+
 @_needs_cpu("unpermute_backward")
+@pytest.mark.parametrize("kind", ("dense", "mixed"))
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_unpermute_backward_sums_shared_rows(gen, dtype):
+def test_unpermute_backward_sums_shared_rows(gen, dtype, kind):
     """Rows that several slots refer to (permute never makes them, the contract allows them):
-    grad_y is the sum over those slots, as on the CPU and in the reference, with the same
-    bits on every run; rows no slot refers to are zero."""
-    T, K, R = 64, 6, 40                     # 384 slots on 40 rows: most rows are shared
-    for H in (72, 65):                      # 16-byte vectors, and the scalar path
+    grad_y is the sum over those slots in ascending slot order, bit for bit the CPU's, the
+    same on every run; rows no slot refers to are zero, or left alone with
+    zero_unreferenced=False."""
+    T, K, R = (64, 6, 40) if kind == "dense" else (50, 4, 300)
+    for H in (72, 65):                             # 16-byte vectors, and the scalar path
         y = torch.randn(R, H, generator=gen).to(dtype)
-        rows = _ints(gen, -2, R + 1, (T, K))  # -2, -1, R and R + 1 are masked
-        rows[(rows >= R - 4) & (rows < R)] = -1   # the last 4 rows: no slot refers to them
-        rows[0] = 3                           # a whole token on one row
+        rows = _shared_slot_rows(gen, T, K, R, kind)
         w = _weights_for(gen, T, K, dtype)
         go = torch.randn(T, H, generator=gen).to(dtype)
+        what = f"{kind}, H={H}"
         gy, gw = _poisoned(ops.unpermute_backward, *_cuda(go, y, rows, w))
         for _ in range(2):
             again = ops.unpermute_backward(*_cuda(go, y, rows, w))
-            _exact(again[0], gy, f"grad_y run to run (H={H})")
-            _exact(again[1], gw, f"grad_w run to run (H={H})")
+            _exact(again[0], gy, f"grad_y run to run ({what})")
+            _exact(again[1], gw, f"grad_w run to run ({what})")
         cgy, cgw = ops.unpermute_backward(go, y, rows, w)
-        rtol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
-        _close(gy, cgy, f"grad_y vs CPU (H={H})", rtol=rtol)
-        _close(gw, cgw, f"grad_w vs CPU (H={H})", rtol=1e-12 if dtype == torch.float64 else 1e-5)
-        gy64, gw64 = _ref_unpermute_grads(y.double(), rows, w.double(), go)
-        _check_float(gy, gy64.to(gy.dtype), gy64, f"grad_y vs reference (H={H})")
-        assert (gy.cpu()[R - 4:] == 0).all(), "rows no slot refers to"
+        _exact(gy, cgy, f"grad_y vs CPU ({what})")   # the same fp32 sums, in the same order
+        _close(gw, cgw, f"grad_w vs CPU ({what})", rtol=1e-12 if dtype == torch.float64 else 1e-5)
+        gy64, _ = _ref_unpermute_grads(y.double(), rows, w.double(), go)
+        _check_float(gy, gy64.to(gy.dtype), gy64, f"grad_y vs reference ({what})")
+        live = (rows >= 0) & (rows < R)
+        referenced = torch.zeros(R, dtype=torch.bool)
+        referenced[rows[live].long()] = True
+        assert not referenced.all()
+        assert (gy.cpu()[~referenced] == 0).all(), f"rows no slot refers to ({what})"
+        gy_dead, gw_dead = ops.unpermute_backward(*_cuda(go, y, rows, w), zero_unreferenced=False)
+        _exact(gy_dead.cpu()[referenced], gy.cpu()[referenced], f"zero_unreferenced=False ({what})")
+        _exact(gw_dead, gw, f"grad_w, zero_unreferenced=False ({what})")
 
 
 @_needs_cpu("permute", "unpermute", "unpermute_backward")
