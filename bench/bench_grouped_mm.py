@@ -79,6 +79,7 @@ ENV_SCHEDULE = "ANYEXPERTS_GROUPED_MM_SCHEDULE"
 ENV_RASTER = "ANYEXPERTS_GROUPED_MM_RASTER"
 ENV_SWIZZLE = "ANYEXPERTS_GROUPED_MM_SWIZZLE"
 ENV_LIVE = "ANYEXPERTS_GROUPED_MM_TUNING_LIVE"
+ENV_BACKEND = "ANYEXPERTS_GROUPED_MM_BACKEND"   # e.g. sm80: the Ampere kernels on an H100
 MISMATCH_TOL = 2e-2   # rel. difference to torch._grouped_mm beyond which a row is an error
 
 
@@ -545,6 +546,8 @@ def markdown(meta, rows) -> str:
     lines = [
         f"# Grouped GEMM: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['date']}",
         "",
+        *([f"anyexperts kernels capped at {ENV_BACKEND}={meta['backend_override']}.", ""]
+          if meta.get("backend_override") else []),
         "TFLOP/s (bf16, median of CUDA-event times). speedup = torch._grouped_mm time / ours;"
         " % dense = ours / one dense cuBLAS GEMM of equal FLOPs.",
         "",
@@ -629,6 +632,7 @@ def main() -> int:
         "schedule_override": os.environ.get(ENV_SCHEDULE),
         "raster_override": os.environ.get(ENV_RASTER),
         "swizzle_override": os.environ.get(ENV_SWIZZLE),
+        "backend_override": os.environ.get(ENV_BACKEND),
     }
     if args.sweep:
         return run_sweep(args, shapes, gen, meta)

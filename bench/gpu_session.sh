@@ -3,9 +3,10 @@
 # STEPS picks stages ("build test bench" by default); logs and results go to $OUT.
 # TESTS picks test files (the CUDA kernels' and the layer's by default; TESTS=tests for all).
 # BENCHES picks benchmarks ("routing grouped_mm" by default): routing, grouped_mm, layer,
-# profile (bench/profile.py at E128: AnyExperts Avg-K 4.8 and static top-8), or
+# profile (bench/profile.py at E128: AnyExperts Avg-K 4.8 and static top-8),
 # grouped_mm_sweep (bench_grouped_mm.py --sweep: every SM90 schedule x raster x swizzle
-# against torch._grouped_mm, to choose the grouped GEMM default from). The sweep alone:
+# against torch._grouped_mm, to choose the grouped GEMM default from), or grouped_mm_sm80
+# (bench_grouped_mm.py with the CUTLASS 2.x Ampere kernels forced). The sweep alone:
 #   STEPS="build bench" BENCHES=grouped_mm_sweep bash bench/gpu_session.sh
 # CUTLASS headers come from a carried nvidia-cutlass wheel in .whl/ (the machine has no network).
 set -uo pipefail
@@ -50,6 +51,11 @@ if [[ $steps == *bench* ]]; then
         done
         continue ;;
       grouped_mm_sweep) script=bench/bench_grouped_mm.py; extra=--sweep; limit=540 ;;
+      grouped_mm_sm80)  # the CUTLASS 2.x (Ampere) kernels, on this GPU, beside the same baselines
+        timeout ${BENCH_TIMEOUT:-240} env ANYEXPERTS_GROUPED_MM_BACKEND=sm80 python3 \
+          bench/bench_grouped_mm.py --out "$OUT/$b.json" >"$OUT/bench_$b.log" 2>&1
+        echo "bench $b: rc=$? in $(( $(date +%s) - t0 )) s"; cat "$OUT/$b.md" 2>/dev/null
+        continue ;;
       layer) script=bench/bench_layer.py; extra=; limit=420 ;;  # + inductor compiles
       *) script=bench/bench_$b.py; extra=; limit=240 ;;
     esac

@@ -1,8 +1,10 @@
 """grouped_mm and grouped_mm_wgrad on CUDA vs the fp64 reference (DESIGN.md section 3).
 
-Covers both CUDA paths of csrc/cuda/grouped_mm.cu: the CUTLASS SM90 grouped GEMM (bf16/fp16
-with K, N multiples of 8 on a compute capability 9.0 GPU) and the SIMT fallback (fp32,
-fp64, odd K or N, any other GPU). Skips cleanly without a GPU or without the CUDA kernels.
+Covers the three CUDA paths of csrc/cuda/grouped_mm.cu: the CUTLASS SM90 grouped GEMM (bf16/
+fp16 with K, N multiples of 8 on a compute capability 9.0 GPU), the CUTLASS SM80 grouped GEMM
+(the same on any other GPU since Ampere; on an H100 the tests taking the `backend` fixture
+also run it through ANYEXPERTS_GROUPED_MM_BACKEND=sm80) and the SIMT fallback (fp32, fp64,
+odd K or N, older GPUs). Skips cleanly without a GPU or without the CUDA kernels.
 """
 from __future__ import annotations
 
@@ -43,6 +45,17 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5, torch.flo
 
 def is_sm90() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture(params=["auto", "sm80"])
+def backend(request, monkeypatch):
+    """The newest path grouped_mm may take (the override is re-read per call: see
+    ANYEXPERTS_GROUPED_MM_TUNING_LIVE above). "sm80" runs the CUTLASS 2.x kernels where the
+    SM90 ones would run; on an A100 both params take the same path."""
+    if request.param == "sm80" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("SM80 path: needs compute capability 8.0 or more")
+    monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_BACKEND", request.param)
+    return request.param
 
 
 def i32(values) -> torch.Tensor:
@@ -105,7 +118,7 @@ SHAPES = [
 @pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
 @pytest.mark.parametrize("dtype", [*LOW, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "R{}_K{}_N{}_G{}".format(*s))
-def test_forward_matches_reference(shape, dtype, transposed_b):
+def test_forward_matches_reference(backend, shape, dtype, transposed_b):
     R, K, N, G = shape
     a, b = make(R, K, N, G, dtype, transposed_b)
     offsets = offsets_on_device(G, R)
@@ -129,7 +142,7 @@ def test_fallback_odd_sizes(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_group_patterns(dtype):
+def test_group_patterns(backend, dtype):
     R, K, N, G = 640, 64, 128, 8
     a, b = make(R, K, N, G, dtype)
     patterns = {
@@ -152,7 +165,7 @@ def test_group_patterns(dtype):
             assert (out == 0).all(), name
 
 
-def test_single_group():
+def test_single_group(backend):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         a, b = make(777, 128, 192, 1, dtype)
         for end in (777, 500, 0):
@@ -164,7 +177,7 @@ def test_single_group():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_poisoned_rows_outside_groups(dtype):
+def test_poisoned_rows_outside_groups(backend, dtype):
     # Rows of a that belong to no group hold NaN / huge values: no kernel may read them
     # into a product (TMA bounds each group's rows; the fallback masks them).
     R, K, N, G = 1024, 64, 128, 6
@@ -180,7 +193,7 @@ def test_poisoned_rows_outside_groups(dtype):
     check(out[:700], expect[:700], dtype, "rows of the groups")
 
 
-def test_large_groups_and_rows_past_end():
+def test_large_groups_and_rows_past_end(backend):
     # Mixtral-like proportions, shrunk: few experts with many rows, skewed loads.
     R, K, N, G = 6000, 512, 1024, 8
     a, b = make(R, K, N, G, torch.bfloat16, transposed_b=True)
@@ -194,7 +207,7 @@ def test_large_groups_and_rows_past_end():
 # ---- layouts and strides ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_strided_operands(dtype):
+def test_strided_operands(backend, dtype):
     R, K, N, G = 333, 64, 80, 5
     offsets = offsets_on_device(G, R)
     base_a = torch.randn(R, 2 * K, device=DEV).to(dtype)
@@ -216,7 +229,7 @@ def test_strided_operands(dtype):
         check(out, ref64(a, b, offsets), dtype, name)
 
 
-def test_misaligned_pointers():
+def test_misaligned_pointers(backend):
     # Storage offsets that break 16-byte alignment: copied for TMA (SM90) or read as is
     # (fallback); either way the result is right.
     R, K, N, G = 130, 32, 48, 3
@@ -241,7 +254,7 @@ def test_offsets_non_contiguous():
     check(out, ref64(a, b, off.contiguous()), torch.bfloat16, "strided offsets")
 
 
-def test_empty_shapes():
+def test_empty_shapes(backend):
     a, b = make(0, 16, 8, 2, torch.bfloat16)
     assert ops.grouped_mm(a, b, i32([0, 0])).shape == (0, 8)
     a, b = make(9, 16, 8, 0, torch.bfloat16)
@@ -468,7 +481,7 @@ WGRAD_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [*LOW, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", WGRAD_SHAPES, ids=lambda s: "R{}_K{}_N{}_G{}".format(*s))
-def test_wgrad_matches_reference(shape, dtype):
+def test_wgrad_matches_reference(backend, shape, dtype):
     R, K, N, G = shape
     a = torch.randn(R, K, device=DEV).to(dtype)
     dout = torch.randn(R, N, device=DEV).to(dtype)
@@ -496,7 +509,7 @@ def test_wgrad_fallback_odd_sizes_and_fp64():
         check(db, ref64_wgrad(a, dout, offsets), dtype, f"wgrad fallback {dtype}")
 
 
-def test_wgrad_strided_inputs():
+def test_wgrad_strided_inputs(backend):
     R, K, N, G = 300, 64, 96, 4
     offsets = offsets_on_device(G, R)
     a = torch.randn(K, R, device=DEV).to(torch.bfloat16).t()           # column-major
@@ -510,7 +523,7 @@ def test_wgrad_strided_inputs():
 @pytest.mark.parametrize("R", [300, 1400])   # pingpong and cooperative forward/dgrad
 @pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_autograd_matches_reference(dtype, transposed_b, R):
+def test_autograd_matches_reference(backend, dtype, transposed_b, R):
     K, N, G = 64, 96, 6
     offsets = offsets_on_device(G, R)
     a0 = torch.randn(R, K, device=DEV).to(dtype)
@@ -563,7 +576,7 @@ def test_opcheck(dtype):
 
 @pytest.mark.parametrize("G", [8, 32])   # cooperative and pingpong (bf16 on SM90)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_graph_capture(dtype, G):
+def test_cuda_graph_capture(backend, dtype, G):
     # The kernels read offsets on the device only: capture once, then change offsets and
     # inputs in place and replay; the replay must follow the new values.
     R, K, N = 1536, 64, 128
@@ -594,7 +607,7 @@ def test_cuda_graph_capture(dtype, G):
 
 # ---- determinism ------------------------------------------------------------------------------
 
-def test_deterministic():
+def test_deterministic(backend):
     R, K, N, G = 2048, 128, 256, 8
     a, b = make(R, K, N, G, torch.bfloat16)
     offsets = offsets_on_device(G, R)
@@ -622,3 +635,33 @@ def test_sm90_matches_fallback():
     check(fast, expect, torch.bfloat16, "sm90")
     check(slow, expect, torch.bfloat16, "fallback")
     assert rel_norm(fast, slow.double()) < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+                    reason="SM80 path: needs compute capability 8.0 or more")
+def test_sm80_path_runs_and_matches_default(monkeypatch):
+    # On an H100 the default is SM90: forcing sm80 must change the kernel (the launch trace
+    # shows a CUTLASS 2.x GemmGrouped kernel) and keep the result within the tolerance.
+    R, K, N, G = 1500, 128, 192, 7
+    a, b = make(R, K, N, G, torch.bfloat16, transposed_b=True)
+    offsets = offsets_on_device(G, R)
+    default = ops.grouped_mm(a, b, offsets)
+    monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_BACKEND", "sm80")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        forced = ops.grouped_mm(a, b, offsets)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "GemmGrouped" in names, "the sm80 override must run the CUTLASS 2.x kernel"
+    expect = ref64(a, b, offsets)
+    check(forced, expect, torch.bfloat16, "sm80")
+    assert rel_norm(forced, default.double()) < 1e-2
+
+
+def test_backend_override(monkeypatch):
+    a, b = make(64, 16, 16, 2, torch.bfloat16)
+    offsets = i32([30, 64])
+    monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_BACKEND", "simt")
+    check(ops.grouped_mm(a, b, offsets), ref64(a, b, offsets), torch.bfloat16, "simt")
+    monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_BACKEND", "sm81")
+    with pytest.raises(RuntimeError, match="ANYEXPERTS_GROUPED_MM_BACKEND='sm81'"):
+        ops.grouped_mm(a, b, offsets)

@@ -1,16 +1,20 @@
 // grouped_mm and grouped_mm_wgrad on CUDA (DESIGN.md section 3).
 //
-// Two paths, chosen per call on the host without reading any device value:
+// Three paths, chosen per call on the host without reading any device value. The two
+// tensor-core paths take bf16 or fp16 with K, N multiples of 8 (16-byte aligned rows);
+// operands whose strides or base pointers they cannot take are copied to contiguous
+// storage first (a copy is far cheaper than the SIMT path):
 //   SM90:     the CUTLASS 3.x Hopper grouped GEMMs of csrc/cuda/sm90/ (TMA + WGMMA,
-//             warp-specialized persistent kernels), when they are compiled in
-//             (ANYEXPERTS_SM90), the device is compute capability 9.0, the dtype is bf16 or
-//             fp16 and K, N are multiples of 8 (TMA needs 16-byte aligned rows). Operands
-//             whose strides or base pointers TMA cannot take are copied to contiguous
-//             storage first (a copy is far cheaper than the SIMT path).
+//             warp-specialized persistent kernels) on compute capability 9.0, when compiled
+//             in (ANYEXPERTS_SM90).
+//   SM80:     the CUTLASS 2.x grouped GEMMs of csrc/cuda/sm80/ (cp.async + mma.sync,
+//             persistent threadblocks) on every other GPU of compute capability 8.0 or
+//             more, when compiled in (ANYEXPERTS_SM80).
 //   Fallback: a tiled SIMT kernel, fp32 accumulation (fp64 for fp64), any float dtype and
-//             any strides, for every other case (other GPUs, fp32/fp64, odd sizes).
-// Neither path synchronises with the host: group spans are computed on the device from
-// `offsets` by anyexperts::group_span (rules.h), so both are CUDA-graph capturable.
+//             any strides, for every other case (older GPUs, fp32/fp64, odd sizes).
+// ANYEXPERTS_GROUPED_MM_BACKEND caps the choice (testing, see below). No path synchronises
+// with the host: group spans are computed on the device from `offsets` by
+// anyexperts::group_span (rules.h), so all are CUDA-graph capturable.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,6 +35,9 @@
 #include "anyexperts/cuda_utils.cuh"
 #include "anyexperts/rules.h"
 
+#if defined(ANYEXPERTS_SM80)
+#include "anyexperts/grouped_mm_sm80.h"
+#endif
 #if defined(ANYEXPERTS_SM90)
 #include "anyexperts/grouped_mm_sm90.h"
 #endif
@@ -242,10 +249,59 @@ void fallback_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& dout,
 }
 
 // ======================================================================================
-// SM90 path: eligibility, operand preparation, kernel choice
+// Path choice: the backend override (environment)
+// ======================================================================================
+//
+// ANYEXPERTS_GROUPED_MM_BACKEND  auto (default) | sm90 | sm80 | simt: the newest path a call
+//                                may take. Each path still needs its conditions (device,
+//                                dtype, sizes); a call that does not meet them takes the
+//                                next older one. For tests and benchmarks of the older
+//                                paths on newer GPUs (sm80 on an H100).
+// Unset or empty means auto; any other value fails every grouped_mm call with an error
+// that lists the accepted ones. Read once per process, or on every call with
+// ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 (as the SM90 tuning variables below).
+enum class Backend : int { kSimt = 0, kSm80 = 1, kSm90 = 2 };  // ordered: newer is larger
+
+// The variable's value, or nullptr when unset or empty.
+const char* env_value(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+// Whether the environment overrides are re-read on every call (read once itself). Opt-in:
+// setenv racing with getenv in another thread is undefined behaviour, so a normal process
+// never calls getenv after its first grouped_mm call.
+bool tuning_live() {
+  static const bool live = [] {
+    const char* v = env_value("ANYEXPERTS_GROUPED_MM_TUNING_LIVE");
+    return v != nullptr && std::strcmp(v, "0") != 0;
+  }();
+  return live;
+}
+
+Backend read_backend() {
+  const char* v = env_value("ANYEXPERTS_GROUPED_MM_BACKEND");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || std::strcmp(v, "sm90") == 0) {
+    return Backend::kSm90;
+  }
+  if (std::strcmp(v, "sm80") == 0) return Backend::kSm80;
+  if (std::strcmp(v, "simt") == 0) return Backend::kSimt;
+  TORCH_CHECK(false, "grouped_mm: unknown ANYEXPERTS_GROUPED_MM_BACKEND='", v,
+              "'; expected one of: auto, sm90, sm80, simt");
+}
+
+Backend backend() {
+  if (tuning_live()) return read_backend();
+  // A bad value throws out of the initializer: the next call reads and throws again.
+  static const Backend once = read_backend();
+  return once;
+}
+
+// ======================================================================================
+// Tensor-core paths (SM80, SM90): eligibility and operands
 // ======================================================================================
 
-#if defined(ANYEXPERTS_SM90)
+#if defined(ANYEXPERTS_SM80) || defined(ANYEXPERTS_SM90)
 
 // Per-device facts, read once: compute capability and SM count.
 struct DeviceInfo {
@@ -271,53 +327,177 @@ const DeviceInfo& device_info(int device) {
   return infos[device];
 }
 
-bool is_sm90(const at::Device& device) {
-  const DeviceInfo& info = device_info(device.index());
-  return info.major == 9 && info.minor == 0;
+// The newest tensor-core path this call can take (kSimt: none), within the override's cap.
+Backend tensor_core_path(const at::Tensor& a, int64_t K, int64_t N) {
+  const auto dt = a.scalar_type();
+  if (!((dt == at::kBFloat16 || dt == at::kHalf) && K % 8 == 0 && N % 8 == 0)) {
+    return Backend::kSimt;
+  }
+  const Backend cap = backend();
+  const DeviceInfo& info = device_info(a.device().index());
+#if defined(ANYEXPERTS_SM90)
+  if (cap >= Backend::kSm90 && info.major == 9 && info.minor == 0) return Backend::kSm90;
+#endif
+#if defined(ANYEXPERTS_SM80)
+  if (cap >= Backend::kSm80 && info.major >= 8) return Backend::kSm80;
+#endif
+  return Backend::kSimt;
 }
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// A leading dimension TMA takes: a multiple of 16 bytes, and rows that do not overlap.
-bool tma_ld_ok(int64_t ld, int64_t row_len) { return ld % 8 == 0 && ld >= row_len; }
+// A leading dimension the tensor-core kernels take (TMA on SM90, 16-byte cp.async on SM80):
+// a multiple of 16 bytes, and rows that do not overlap.
+bool ld16_ok(int64_t ld, int64_t row_len) { return ld % 8 == 0 && ld >= row_len; }
 
-// A 2-D operand TMA can read row by row: unit column stride, 16-byte row stride and base.
-bool tma_rows_ok(const at::Tensor& t) {
-  return t.stride(1) == 1 && (t.size(0) <= 1 || tma_ld_ok(t.stride(0), t.size(1))) &&
+// A 2-D operand they can read row by row: unit column stride, 16-byte row stride and base.
+bool rows16_ok(const at::Tensor& t) {
+  return t.stride(1) == 1 && (t.size(0) <= 1 || ld16_ok(t.stride(0), t.size(1))) &&
          aligned16(t);
 }
 
-// `t` itself when TMA can read it, else a fresh contiguous (so 16-byte aligned) copy.
-at::Tensor tma_rows(const at::Tensor& t) {
-  return tma_rows_ok(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+// `t` itself when the kernels can read it, else a fresh contiguous (so 16-byte aligned) copy.
+at::Tensor rows16(const at::Tensor& t) {
+  return rows16_ok(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-bool sm90_eligible(const at::Tensor& a, int64_t K, int64_t N) {
-  const auto dt = a.scalar_type();
-  return (dt == at::kBFloat16 || dt == at::kHalf) && K % 8 == 0 && N % 8 == 0 &&
-         is_sm90(a.device());
+// The forward problem of out = a @ b[g] per group. b[g] is K x N: row-major (N contiguous)
+// or column-major (K contiguous, the transposed view of nn.Linear's [G,N,K] storage), each
+// its own kernel; anything else is copied. `a` and `b` keep the operands alive.
+grouped::ForwardProblem forward_problem(const at::Tensor& a_in, const at::Tensor& b_in,
+                                        const at::Tensor& offsets, bool zero_tail,
+                                        at::Tensor& out, at::Tensor& a, at::Tensor& b) {
+  const int64_t R = a_in.size(0), K = a_in.size(1), N = b_in.size(2), G = b_in.size(0);
+  a = rows16(a_in);
+  b = b_in;
+  auto group_stride_ok = [&](const at::Tensor& t) { return G <= 1 || t.stride(0) % 8 == 0; };
+  grouped::BLayout layout;
+  int64_t ldb;
+  if (b.stride(2) == 1 && ld16_ok(b.stride(1), N) && group_stride_ok(b) && aligned16(b)) {
+    layout = grouped::BLayout::kRowMajor;
+    ldb = b.stride(1);
+  } else if (b.stride(1) == 1 && ld16_ok(b.stride(2), K) && group_stride_ok(b) && aligned16(b)) {
+    layout = grouped::BLayout::kColMajor;
+    ldb = b.stride(2);
+  } else {
+    b = b_in.clone(at::MemoryFormat::Contiguous);
+    layout = grouped::BLayout::kRowMajor;
+    ldb = N;
+  }
+  grouped::ForwardProblem p{};
+  p.a = a.data_ptr();
+  p.lda = R > 1 ? a.stride(0) : K;
+  p.b = b.data_ptr();
+  p.ldb = ldb;
+  p.b_group_stride = G > 1 ? b.stride(0) : 0;
+  p.layout = layout;
+  p.out = out.data_ptr();
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.groups = G;
+  p.rows = R;
+  p.k = K;
+  p.n = N;
+  p.zero_tail = zero_tail;
+  return p;
 }
 
-// The workspace (CUTLASS's per-SM TMA descriptors, then the per-group argument arrays) is a
-// byte tensor from the caching allocator: no cudaMalloc, and graph capture keeps it alive.
-sm90::Launch make_launch(const at::Tensor& like, size_t workspace_bytes, at::Tensor& workspace) {
+// The weight-gradient problem db[g] = a_g^T @ dout_g. `a` and `dout` keep the operands alive.
+grouped::WgradProblem wgrad_problem(const at::Tensor& a_in, const at::Tensor& dout_in,
+                                    const at::Tensor& offsets, at::Tensor& db, at::Tensor& a,
+                                    at::Tensor& dout) {
+  const int64_t R = a_in.size(0), K = a_in.size(1), N = dout_in.size(1), G = offsets.size(0);
+  a = rows16(a_in);
+  dout = rows16(dout_in);
+  grouped::WgradProblem p{};
+  p.a = a.data_ptr();
+  p.lda = R > 1 ? a.stride(0) : K;
+  p.dout = dout.data_ptr();
+  p.ldd = R > 1 ? dout.stride(0) : N;
+  p.db = db.data_ptr();
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.groups = G;
+  p.rows = R;
+  p.k = K;
+  p.n = N;
+  return p;
+}
+
+// The kernels' workspace (argument arrays, and CUTLASS's own on SM90) is a byte tensor from
+// the caching allocator: no cudaMalloc, and graph capture keeps it alive.
+at::Tensor workspace_for(const at::Tensor& like, size_t bytes) {
+  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                   like.options().dtype(at::kByte));
+}
+
+#else
+
+Backend tensor_core_path(const at::Tensor&, int64_t, int64_t) {
+  backend();  // still rejects a bad override
+  return Backend::kSimt;
+}
+
+#endif  // ANYEXPERTS_SM80 || ANYEXPERTS_SM90
+
+// ======================================================================================
+// SM80 path
+// ======================================================================================
+
+#if defined(ANYEXPERTS_SM80)
+
+// Runs `kernel` on `p` on `like`'s device; `op` names the op in errors.
+template <class Kernel, class Problem>
+void run_sm80_kernel(const char* op, const Kernel& kernel, const Problem& p,
+                     const at::Tensor& like) {
   const int device = like.device().index();
-  workspace = at::empty({static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))},
-                        like.options().dtype(at::kByte));
-  return {workspace.data_ptr(), c10::cuda::getCurrentCUDAStream(device).stream(), device,
-          device_info(device).sm_count, sm90::Scheduling{}};
+  const at::Tensor workspace = workspace_for(like, kernel.workspace_bytes(p.groups));
+  const sm80::Launch launch{workspace.data_ptr(), c10::cuda::getCurrentCUDAStream(device).stream(),
+                            device, device_info(device).sm_count};
+  const char* err = kernel.run(p, launch);
+  TORCH_CHECK(err == nullptr, op, ": SM80 kernel ", kernel.name, " failed: ", err);
 }
 
-// Runs `kernel` on `p` with its workspace on `like`'s device; `op` names the op in errors.
+void sm80_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets,
+                     bool zero_tail, at::Tensor& out) {
+  at::Tensor a, b;
+  const grouped::ForwardProblem p = forward_problem(a_in, b_in, offsets, zero_tail, out, a, b);
+  const bool row = p.layout == grouped::BLayout::kRowMajor;
+  const sm80::ForwardKernel kernel =
+      a.scalar_type() == at::kBFloat16
+          ? (row ? sm80::forward_bf16_rowmajor() : sm80::forward_bf16_colmajor())
+          : (row ? sm80::forward_fp16_rowmajor() : sm80::forward_fp16_colmajor());
+  run_sm80_kernel("grouped_mm", kernel, p, a);
+}
+
+void sm80_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
+                           const at::Tensor& offsets, at::Tensor& db) {
+  at::Tensor a, dout;
+  const grouped::WgradProblem p = wgrad_problem(a_in, dout_in, offsets, db, a, dout);
+  const sm80::WgradKernel kernel =
+      a.scalar_type() == at::kBFloat16 ? sm80::wgrad_bf16() : sm80::wgrad_fp16();
+  run_sm80_kernel("grouped_mm_wgrad", kernel, p, a);
+}
+
+#endif  // ANYEXPERTS_SM80
+
+// ======================================================================================
+// SM90 path: workspace, tuning overrides, kernel choice
+// ======================================================================================
+
+#if defined(ANYEXPERTS_SM90)
+
+// Runs `kernel` on `p` on `like`'s device (workspace: CUTLASS's per-SM TMA descriptors,
+// then the per-group argument arrays); `op` names the op in errors.
 template <class Kernel, class Problem>
 void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
                      const at::Tensor& like, const sm90::Scheduling& scheduling = {}) {
-  at::Tensor workspace;
-  const int sm_count = device_info(like.device().index()).sm_count;
-  sm90::Launch launch = make_launch(like, kernel.workspace_bytes(p.groups, sm_count), workspace);
-  launch.scheduling = scheduling;
+  const int device = like.device().index();
+  const int sm_count = device_info(device).sm_count;
+  const at::Tensor workspace = workspace_for(like, kernel.workspace_bytes(p.groups, sm_count));
+  const sm90::Launch launch{workspace.data_ptr(),
+                            c10::cuda::getCurrentCUDAStream(device).stream(), device, sm_count,
+                            scheduling};
   const char* err = kernel.run(p, launch);
   TORCH_CHECK(err == nullptr, op, ": SM90 kernel ", kernel.name, " failed: ", err);
 }
@@ -335,10 +515,8 @@ void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
 // Unset or empty means the default; any other value fails every SM90 grouped_mm call with
 // an error that lists the accepted ones (a typo must not quietly time the default).
 // They are read once, at the first SM90 grouped_mm call of the process. With
-// ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 (itself read once) every call reads them again, so
-// one process can time every configuration (the sweep, the CUDA tests). That is opt-in:
-// setenv racing with getenv in another thread is undefined behaviour, so a normal process
-// never calls getenv after the first call.
+// ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 every call reads them again (tuning_live), so one
+// process can time every configuration (the sweep, the CUDA tests).
 struct ScheduleName {
   const char* name;
   sm90::Schedule schedule;
@@ -361,12 +539,6 @@ struct Tuning {
   sm90::Schedule schedule = sm90::Schedule::kCooperative128x256;  // when !auto_schedule
   sm90::Scheduling scheduling{};
 };
-
-// The variable's value, or nullptr when unset or empty.
-const char* env_value(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? v : nullptr;
-}
 
 Tuning read_tuning() {
   Tuning t;
@@ -409,11 +581,7 @@ Tuning read_tuning() {
 }
 
 Tuning tuning() {
-  static const bool live = [] {
-    const char* v = env_value("ANYEXPERTS_GROUPED_MM_TUNING_LIVE");
-    return v != nullptr && std::strcmp(v, "0") != 0;
-  }();
-  if (live) return read_tuning();
+  if (tuning_live()) return read_tuning();
   // A bad value throws out of the initializer: the next call reads and throws again.
   static const Tuning once = read_tuning();
   return once;
@@ -474,62 +642,20 @@ sm90::ForwardKernel forward_kernel(at::ScalarType dtype, sm90::BLayout layout,
 
 void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets,
                      bool zero_tail, at::Tensor& out) {
-  const int64_t R = a_in.size(0), K = a_in.size(1), N = b_in.size(2), G = b_in.size(0);
-  const at::Tensor a = tma_rows(a_in);
-  // b[g] is K x N: row-major (N contiguous) or column-major (K contiguous, the transposed
-  // view of nn.Linear's [G,N,K] storage), each its own kernel; anything else is copied.
-  at::Tensor b = b_in;
-  auto group_stride_ok = [&](const at::Tensor& t) { return G <= 1 || t.stride(0) % 8 == 0; };
-  sm90::BLayout layout;
-  int64_t ldb;
-  if (b.stride(2) == 1 && tma_ld_ok(b.stride(1), N) && group_stride_ok(b) && aligned16(b)) {
-    layout = sm90::BLayout::kRowMajor;
-    ldb = b.stride(1);
-  } else if (b.stride(1) == 1 && tma_ld_ok(b.stride(2), K) && group_stride_ok(b) && aligned16(b)) {
-    layout = sm90::BLayout::kColMajor;
-    ldb = b.stride(2);
-  } else {
-    b = b_in.clone(at::MemoryFormat::Contiguous);
-    layout = sm90::BLayout::kRowMajor;
-    ldb = N;
-  }
+  at::Tensor a, b;
+  const grouped::ForwardProblem p = forward_problem(a_in, b_in, offsets, zero_tail, out, a, b);
   const Tuning t = tuning();
   const sm90::ForwardKernel kernel =
-      forward_kernel(a.scalar_type(), layout, select_forward_schedule(R, G, t));
-  sm90::ForwardProblem p{};
-  p.a = a.data_ptr();
-  p.lda = R > 1 ? a.stride(0) : K;
-  p.b = b.data_ptr();
-  p.ldb = ldb;
-  p.b_group_stride = G > 1 ? b.stride(0) : 0;
-  p.out = out.data_ptr();
-  p.offsets = offsets.data_ptr<int32_t>();
-  p.groups = G;
-  p.rows = R;
-  p.k = K;
-  p.n = N;
-  p.zero_tail = zero_tail;
+      forward_kernel(a.scalar_type(), p.layout, select_forward_schedule(p.rows, p.groups, t));
   run_sm90_kernel("grouped_mm", kernel, p, a, t.scheduling);
 }
 
 void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
                            const at::Tensor& offsets, at::Tensor& db) {
-  const int64_t R = a_in.size(0), K = a_in.size(1), N = dout_in.size(1), G = offsets.size(0);
-  const at::Tensor a = tma_rows(a_in);
-  const at::Tensor dout = tma_rows(dout_in);
+  at::Tensor a, dout;
+  const grouped::WgradProblem p = wgrad_problem(a_in, dout_in, offsets, db, a, dout);
   const sm90::WgradKernel kernel =
       a.scalar_type() == at::kBFloat16 ? sm90::wgrad_bf16() : sm90::wgrad_fp16();
-  sm90::WgradProblem p{};
-  p.a = a.data_ptr();
-  p.lda = R > 1 ? a.stride(0) : K;
-  p.dout = dout.data_ptr();
-  p.ldd = R > 1 ? dout.stride(0) : N;
-  p.db = db.data_ptr();
-  p.offsets = offsets.data_ptr<int32_t>();
-  p.groups = G;
-  p.rows = R;
-  p.k = K;
-  p.n = N;
   run_sm90_kernel("grouped_mm_wgrad", kernel, p, a);
 }
 
@@ -551,14 +677,21 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
   if (K == 0 || G == 0) return out.zero_();  // empty sums; no group at all: every row is tail
   TORCH_CHECK(G < (int64_t{1} << 31), "grouped_mm: too many groups");
   const auto offsets = offsets_in.contiguous();
+  switch (tensor_core_path(a, K, N)) {
 #if defined(ANYEXPERTS_SM90)
-  if (sm90_eligible(a, K, N)) {
-    sm90_grouped_mm(a, b, offsets, zero_tail, out);
-    return out;
-  }
+    case Backend::kSm90:
+      sm90_grouped_mm(a, b, offsets, zero_tail, out);
+      return out;
 #endif
-  fallback_grouped_mm(a, b, offsets, zero_tail, out);
-  return out;
+#if defined(ANYEXPERTS_SM80)
+    case Backend::kSm80:
+      sm80_grouped_mm(a, b, offsets, zero_tail, out);
+      return out;
+#endif
+    default:
+      fallback_grouped_mm(a, b, offsets, zero_tail, out);
+      return out;
+  }
 }
 
 at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dout,
@@ -573,14 +706,21 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dout,
   if (R == 0) return db.zero_();  // every group is empty
   TORCH_CHECK(G < (int64_t{1} << 31), "grouped_mm_wgrad: too many groups");
   const auto offsets = offsets_in.contiguous();
+  switch (tensor_core_path(a, K, N)) {
 #if defined(ANYEXPERTS_SM90)
-  if (sm90_eligible(a, K, N)) {
-    sm90_grouped_mm_wgrad(a, dout, offsets, db);
-    return db;
-  }
+    case Backend::kSm90:
+      sm90_grouped_mm_wgrad(a, dout, offsets, db);
+      return db;
 #endif
-  fallback_grouped_mm_wgrad(a, dout, offsets, db);
-  return db;
+#if defined(ANYEXPERTS_SM80)
+    case Backend::kSm80:
+      sm80_grouped_mm_wgrad(a, dout, offsets, db);
+      return db;
+#endif
+    default:
+      fallback_grouped_mm_wgrad(a, dout, offsets, db);
+      return db;
+  }
 }
 
 }  // namespace

@@ -5,10 +5,8 @@
 //   GroupedGemm<...>      the CollectiveBuilder-made mainloop + epilogue + GemmUniversal
 //                         kernel over cutlass::gemm::GroupProblemShape<Shape<int,int,int>>.
 //   ArgBuffers<Gemm>      per-group problem sizes, pointers and strides, carved out of the
-//                         caller's workspace (a Torch tensor) after CUTLASS's own workspace.
-//   *_prepare_kernel      fills ArgBuffers on the device from `offsets` (group spans by
-//                         anyexperts::group_span), and zeroes what the GEMM never writes:
-//                         rows past the last group (forward), db of empty groups (wgrad).
+//                         caller's workspace (a Torch tensor) after CUTLASS's own workspace,
+//                         and filled on the device by grouped_mm_prepare.cuh's kernels.
 //   run_forward/run_wgrad host side: prepare kernel, Arguments with device-only problem
 //                         shapes (host_problem_shapes = nullptr), to_underlying_arguments,
 //                         launch. No host synchronisation anywhere.
@@ -30,6 +28,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
+#include "anyexperts/grouped_mm_prepare.cuh"
 #include "anyexperts/grouped_mm_sm90.h"
 #include "anyexperts/rules.h"
 
@@ -178,105 +177,33 @@ struct ArgBuffers {
     buf.stride_d = reinterpret_cast<typename Gemm::StrideD*>(take(g * sizeof(typename Gemm::StrideD)));
     return buf;
   }
-};
 
-constexpr int kPrepareThreads = 256;
-constexpr int kSmemOffsets = 4096;  // offsets cached in shared memory up to this many groups
+  __device__ void set_forward(int64_t g, RowSpan span, const ForwardProblem& p) const {
+    problem_sizes[g] = UnderlyingProblemShape(static_cast<int>(span.end - span.begin),
+                                              static_cast<int>(p.n), static_cast<int>(p.k));
+    ptr_a[g] = static_cast<const typename Gemm::ElementA*>(p.a) + span.begin * p.lda;
+    ptr_b[g] = static_cast<const typename Gemm::ElementB*>(p.b) + g * p.b_group_stride;
+    ptr_d[g] = static_cast<typename Gemm::ElementD*>(p.out) + span.begin * p.n;
+    stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
+    stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldb);
+    stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
+  }
 
-// Copies offsets into shared memory when they fit; returns the pointer to read them from.
-__device__ inline const int32_t* cache_offsets(const int32_t* offsets, int64_t groups,
-                                               int32_t* smem) {
-  if (groups > kSmemOffsets) return offsets;
-  for (int64_t i = threadIdx.x; i < groups; i += blockDim.x) smem[i] = offsets[i];
-  __syncthreads();
-  return smem;
-}
-
-// Forward: block b builds the arguments of groups [b*256, b*256+256); with zero_tail every
-// block then zeroes its share of the rows at or after end(G-1), which no group covers.
-template <class Gemm>
-__global__ void __launch_bounds__(kPrepareThreads)
-    forward_prepare_kernel(ArgBuffers<Gemm> buf, ForwardProblem p) {
-  using ElementA = typename Gemm::ElementA;
-  using ElementB = typename Gemm::ElementB;
-  using ElementD = typename Gemm::ElementD;
-  __shared__ int32_t s_offsets[kSmemOffsets];
-  __shared__ int64_t s_tail_begin;
-  const int32_t* offsets = cache_offsets(p.offsets, p.groups, s_offsets);
-
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g < p.groups) {
-    const RowSpan span = group_span(offsets, static_cast<int>(g), p.rows);
+  // GEMM view: M = K (hidden), N = N, K = rows of g. A = a_g^T is M-major (ColumnMajor),
+  // B = dout_g is N-major (RowMajor), D = db[g] RowMajor.
+  __device__ void set_wgrad(int64_t g, RowSpan span, const WgradProblem& p) const {
     const int64_t m = span.end - span.begin;
-    buf.problem_sizes[g] = UnderlyingProblemShape(static_cast<int>(m), static_cast<int>(p.n),
-                                                  static_cast<int>(p.k));
-    buf.ptr_a[g] = static_cast<const ElementA*>(p.a) + span.begin * p.lda;
-    buf.ptr_b[g] = static_cast<const ElementB*>(p.b) + g * p.b_group_stride;
-    buf.ptr_d[g] = static_cast<ElementD*>(p.out) + span.begin * p.n;
-    buf.stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
-    buf.stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldb);
-    buf.stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
+    problem_sizes[g] = m > 0 ? UnderlyingProblemShape(static_cast<int>(p.k), static_cast<int>(p.n),
+                                                      static_cast<int>(m))
+                             : UnderlyingProblemShape(0, 0, 0);
+    ptr_a[g] = static_cast<const typename Gemm::ElementA*>(p.a) + span.begin * p.lda;
+    ptr_b[g] = static_cast<const typename Gemm::ElementB*>(p.dout) + span.begin * p.ldd;
+    ptr_d[g] = static_cast<typename Gemm::ElementD*>(p.db) + g * p.k * p.n;
+    stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
+    stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldd);
+    stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
   }
-  if (!p.zero_tail) return;  // uniform over the grid: no thread reaches the barrier below
-
-  if (threadIdx.x == 0) s_tail_begin = group_end(offsets, static_cast<int>(p.groups - 1), p.rows);
-  __syncthreads();
-  // out is contiguous with N % 8 == 0: 16-byte vectors cover whole rows.
-  const int64_t vec_per_row = p.n / 8;
-  const int64_t first = s_tail_begin * vec_per_row;
-  const int64_t last = p.rows * vec_per_row;
-  uint4* out = static_cast<uint4*>(p.out);
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int64_t i = first + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < last;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = zero;
-  }
-}
-
-// Wgrad: db[g] = a_g^T @ dout_g. GEMM view: M = K (hidden), N = N, K = rows of g.
-// A = a_g^T is M-major (ColumnMajor), B = dout_g is N-major (RowMajor), D = db[g] RowMajor.
-// Empty groups get problem size (0,0,0) (no tiles: with K = 0 CUTLASS would store garbage
-// accumulators) and are zeroed here: grid (chunks, groups), blocks of non-empty groups exit.
-// Blocks with blockIdx.y == 0 also build the arguments of groups [x*256, x*256+256).
-template <class Gemm>
-__global__ void __launch_bounds__(kPrepareThreads)
-    wgrad_prepare_kernel(ArgBuffers<Gemm> buf, WgradProblem p) {
-  using ElementA = typename Gemm::ElementA;
-  using ElementB = typename Gemm::ElementB;
-  using ElementD = typename Gemm::ElementD;
-  __shared__ int32_t s_offsets[kSmemOffsets];
-  const int32_t* offsets = cache_offsets(p.offsets, p.groups, s_offsets);
-  const int64_t group_elems = p.k * p.n;
-
-  if (blockIdx.y == 0) {
-    const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (g < p.groups) {
-      const RowSpan span = group_span(offsets, static_cast<int>(g), p.rows);
-      const int64_t m = span.end - span.begin;
-      buf.problem_sizes[g] =
-          m > 0 ? UnderlyingProblemShape(static_cast<int>(p.k), static_cast<int>(p.n), static_cast<int>(m))
-                : UnderlyingProblemShape(0, 0, 0);
-      buf.ptr_a[g] = static_cast<const ElementA*>(p.a) + span.begin * p.lda;
-      buf.ptr_b[g] = static_cast<const ElementB*>(p.dout) + span.begin * p.ldd;
-      buf.ptr_d[g] = static_cast<ElementD*>(p.db) + g * group_elems;
-      buf.stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
-      buf.stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldd);
-      buf.stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
-    }
-  }
-
-  const int64_t vec_per_group = group_elems / 8;  // N % 8 == 0
-  uint4* db = static_cast<uint4*>(p.db);
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int64_t g = blockIdx.y; g < p.groups; g += gridDim.y) {
-    const RowSpan span = group_span(offsets, static_cast<int>(g), p.rows);
-    if (span.end > span.begin) continue;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vec_per_group;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      db[g * vec_per_group + i] = zero;
-    }
-  }
-}
+};
 
 // One-time (per device) kernel attributes: dynamic smem opt-in and the number of clusters
 // that fit at once (the persistent grid size). Returns nullptr or an error message.
@@ -417,39 +344,23 @@ const char* launch_gemm(int64_t groups, const ArgBuffers<Gemm>& buf, const Launc
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-inline unsigned prepare_blocks_for_groups(int64_t groups) {
-  return static_cast<unsigned>((groups + kPrepareThreads - 1) / kPrepareThreads);
+template <class Gemm>
+ArgBuffers<Gemm> arg_buffers(int64_t groups, const Launch& l) {
+  return ArgBuffers<Gemm>::carve(
+      static_cast<char*>(l.workspace) + cutlass_workspace_bytes<Gemm>(groups, l.sm_count), groups);
 }
 
 template <class Gemm>
 const char* run_forward(const ForwardProblem& p, const Launch& l) {
-  auto buf = ArgBuffers<Gemm>::carve(
-      static_cast<char*>(l.workspace) + cutlass_workspace_bytes<Gemm>(p.groups, l.sm_count), p.groups);
-  // Enough blocks for the argument arrays and to zero a tail as large as `out` at full
-  // bandwidth; blocks with no tail to zero exit at once.
-  const int64_t vecs = p.zero_tail ? p.rows * (p.n / 8) : 0;
-  const int64_t zero_blocks = (vecs + kPrepareThreads * 4 - 1) / (kPrepareThreads * 4);
-  int64_t blocks = zero_blocks < 4 * l.sm_count ? zero_blocks : 4 * l.sm_count;
-  if (blocks < prepare_blocks_for_groups(p.groups)) blocks = prepare_blocks_for_groups(p.groups);
-  forward_prepare_kernel<Gemm><<<static_cast<unsigned>(blocks), kPrepareThreads, 0, l.stream>>>(buf, p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const auto buf = arg_buffers<Gemm>(p.groups, l);
+  if (const char* err = grouped::prepare_forward(buf, p, l.sm_count, l.stream)) return err;
   return launch_gemm<Gemm>(p.groups, buf, l);
 }
 
 template <class Gemm>
 const char* run_wgrad(const WgradProblem& p, const Launch& l) {
-  auto buf = ArgBuffers<Gemm>::carve(
-      static_cast<char*>(l.workspace) + cutlass_workspace_bytes<Gemm>(p.groups, l.sm_count), p.groups);
-  const int64_t vecs = p.k * p.n / 8;
-  int64_t chunks = (vecs + kPrepareThreads * 8 - 1) / (kPrepareThreads * 8);
-  if (chunks > 16) chunks = 16;
-  if (chunks < prepare_blocks_for_groups(p.groups)) chunks = prepare_blocks_for_groups(p.groups);
-  const int64_t ys = p.groups < 65535 ? p.groups : 65535;
-  wgrad_prepare_kernel<Gemm><<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(ys), 1),
-                               kPrepareThreads, 0, l.stream>>>(buf, p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const auto buf = arg_buffers<Gemm>(p.groups, l);
+  if (const char* err = grouped::prepare_wgrad(buf, p, l.stream)) return err;
   return launch_gemm<Gemm>(p.groups, buf, l);
 }
 

@@ -5,9 +5,9 @@
 //
 // This header is free of Torch and CUTLASS on purpose: the kernel files include CUTLASS
 // and not Torch, which keeps their (long) compile times down, and the dispatcher includes
-// Torch and not CUTLASS. Every problem argument is a raw pointer plus strides in elements;
-// the caller has checked dtypes, devices, shapes and TMA alignment (16-byte aligned base
-// pointers and strides) before calling in.
+// Torch and not CUTLASS. The problems are grouped_mm_problem.h's; the caller has checked
+// dtypes, devices, shapes and TMA alignment (16-byte aligned base pointers and strides)
+// before calling in.
 //
 // Per-group problem sizes, operand pointers and strides are built on the device from
 // `offsets` by a small kernel (group spans by anyexperts::group_span, rules.h): nothing is
@@ -18,6 +18,8 @@
 
 #include <cstddef>
 #include <cstdint>
+
+#include "anyexperts/grouped_mm_problem.h"
 
 namespace anyexperts::sm90 {
 
@@ -78,43 +80,9 @@ struct Scheduling {
   int swizzle = 1;
 };
 
-enum class Dtype : int { kBFloat16 = 0, kFloat16 = 1 };
-
-// Layout of b[g] (a K x N matrix) in memory.
-enum class BLayout : int {
-  kRowMajor = 0,  // b[g][k][n] at k*ldb + n  ([G,K,N] storage; CUTLASS RowMajor B)
-  kColMajor = 1,  // b[g][k][n] at n*ldb + k  (transposed view of [G,N,K] storage, nn.Linear)
-};
-
-// out[rows of g] = a[rows of g] @ b[g] (forward, and dgrad with b transposed).
-struct ForwardProblem {
-  const void* a;          // a[R,K], element (r,k) at r*lda + k
-  int64_t lda;
-  const void* b;          // b[G,K,N], see BLayout; group g starts at b + g*b_group_stride
-  int64_t ldb;
-  int64_t b_group_stride;
-  void* out;              // out[R,N], contiguous (ld = N)
-  const int32_t* offsets; // [G] end offsets, device memory
-  int64_t groups;         // G >= 1
-  int64_t rows;           // R >= 1
-  int64_t k;              // K >= 1, multiple of 8
-  int64_t n;              // N >= 1, multiple of 8
-  bool zero_tail;         // zero rows [end of group G-1, R); false leaves them unwritten
-};
-
-// db[g] = a[rows of g]^T @ dout[rows of g] (weight gradient, variable-K grouped GEMM).
-struct WgradProblem {
-  const void* a;          // a[R,K], element (r,k) at r*lda + k
-  int64_t lda;
-  const void* dout;       // dout[R,N], element (r,n) at r*ldd + n
-  int64_t ldd;
-  void* db;               // db[G,K,N], contiguous
-  const int32_t* offsets;
-  int64_t groups;
-  int64_t rows;
-  int64_t k;              // multiple of 8
-  int64_t n;              // multiple of 8
-};
+using grouped::BLayout;
+using grouped::ForwardProblem;
+using grouped::WgradProblem;
 
 // Where and how to run. `workspace` must hold the bytes the matching *_workspace_bytes
 // function returned (device memory, 256-byte aligned); `sm_count` must be the same in both
