@@ -329,11 +329,11 @@ const DeviceInfo& device_info(int device) {
 
 // The newest tensor-core path this call can take (kSimt: none), within the override's cap.
 Backend tensor_core_path(const at::Tensor& a, int64_t K, int64_t N) {
+  const Backend cap = backend();  // first: a bad override fails every call
   const auto dt = a.scalar_type();
   if (!((dt == at::kBFloat16 || dt == at::kHalf) && K % 8 == 0 && N % 8 == 0)) {
     return Backend::kSimt;
   }
-  const Backend cap = backend();
   const DeviceInfo& info = device_info(a.device().index());
 #if defined(ANYEXPERTS_SM90)
   if (cap >= Backend::kSm90 && info.major == 9 && info.minor == 0) return Backend::kSm90;

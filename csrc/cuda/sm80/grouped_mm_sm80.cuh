@@ -150,27 +150,44 @@ size_t workspace_bytes(int64_t groups) {
   return ArgBuffers<Gemm>::bytes(groups);
 }
 
-// Threadblocks resident per SM (read once per device; this also opts the kernel into its
-// 64 KB of dynamic shared memory), or 0 where none fits.
+// Threadblocks resident per SM, read once per device (this also opts the kernel into its
+// 64 KB of dynamic shared memory). Returns nullptr or the CUDA error (not cached: a later
+// call tries again), or an error when no threadblock fits.
 template <class Gemm>
-int blocks_per_sm(int device) {
+const char* blocks_per_sm(int device, int* blocks) {
+  using Kernel = typename Gemm::Kernel;
   constexpr int kMaxDevices = 64;
   static std::mutex mutex;
-  static std::array<int, kMaxDevices> blocks{};  // 0: not read yet; -1: none fits
-  if (device < 0 || device >= kMaxDevices) return 0;
+  static std::array<int, kMaxDevices> cached{};  // 0: not read yet
+  if (device < 0 || device >= kMaxDevices) return "anyexperts sm80 grouped GEMM: device index out of range";
   std::lock_guard<std::mutex> lock(mutex);
-  if (blocks[device] == 0) {
-    const int n = Gemm::Device::maximum_active_blocks();
-    blocks[device] = n > 0 ? n : -1;
+  if (cached[device] == 0) {
+    const void* fn = reinterpret_cast<const void*>(&cutlass::Kernel<Kernel>);
+    constexpr int kSmem = static_cast<int>(sizeof(typename Kernel::SharedStorage));
+    cudaError_t err = cudaSuccess;
+    if (kSmem >= (48 << 10)) {
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    }
+    int n = 0;
+    if (err == cudaSuccess) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, Kernel::kThreadCount, kSmem);
+    }
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return cudaGetErrorString(err);
+    }
+    if (n <= 0) return "anyexperts sm80 grouped GEMM: no threadblock fits on an SM";
+    cached[device] = n;
   }
-  return blocks[device] > 0 ? blocks[device] : 0;
+  *blocks = cached[device];
+  return nullptr;
 }
 
 template <class Gemm>
 const char* launch_gemm(int64_t groups, const ArgBuffers<Gemm>& buf, const Launch& l) {
   using Kernel = typename Gemm::Kernel;
-  const int per_sm = blocks_per_sm<Gemm>(l.device);
-  if (per_sm == 0) return "anyexperts sm80 grouped GEMM: no threadblock fits on an SM";
+  int per_sm = 0;
+  if (const char* err = blocks_per_sm<Gemm>(l.device, &per_sm)) return err;
   const int grid = per_sm * l.sm_count;
   // ptr_C / ldc: the epilogue never reads the source (OnlyAlphaScaling); D stands in.
   typename Kernel::Arguments args(buf.problem_sizes, static_cast<int>(groups), grid,
