@@ -7,7 +7,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import anyexperts_ops as ae
 from anyexperts_ops import reference as ref
@@ -16,8 +15,8 @@ from anyexperts_ops import reference as ref
 def pipeline(mod, x, logits, slots, max_virtual, w_gate_up, w_down, k_max, num_real, align):
     ids, weights = mod.segmented_topk(logits, slots, max_virtual, k_max, num_real, "selected")
     x_perm, offsets, slot_rows = mod.permute(x, ids, num_real, align)
-    gate, up = mod.grouped_mm(x_perm, w_gate_up, offsets).chunk(2, dim=-1)
-    y_perm = mod.grouped_mm(F.silu(gate) * up, w_down, offsets)
+    h = mod.swiglu(mod.grouped_mm(x_perm, w_gate_up, offsets), offsets)
+    y_perm = mod.grouped_mm(h, w_down, offsets)
     return mod.unpermute(y_perm, slot_rows, weights), ids, offsets
 
 
