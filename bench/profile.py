@@ -151,16 +151,21 @@ _GENERIC = {"elementwise_kernel", "vectorized_elementwise_kernel", "unrolled_ele
 
 def short_kernel_name(name: str) -> str:
     """A readable kernel name: the launching function plus the functors named inside its
-    template arguments (ATen), or the CUTLASS kernel schedule and MMA atom; the JSON keeps
-    the full name."""
+    template arguments (ATen), or the CUTLASS kernel (3.x schedule and MMA atom, or 2.x
+    grouped GEMM and tile); the JSON keeps the full name. Takes mangled names (torch.profiler)
+    and demangled ones (nsys)."""
     name = name.strip()
-    if name.startswith("_ZN7cutlass") or name.startswith("cutlass"):
-        parts = re.findall(r"Kernel(?:PtrArray)?TmaWarpSpecialized(?:Cooperative|Pingpong)"
-                           r"|MMA_\d+x\d+x\d+", name)
-        return "cutlass " + " ".join(dict.fromkeys(parts))
-    name = name.replace("(anonymous namespace)::", "")
     if name.startswith("void "):
         name = name[5:]
+    if name.startswith("_ZN7cutlass") or name.startswith("cutlass"):
+        parts = re.findall(r"Kernel(?:PtrArray)?TmaWarpSpecialized(?:Cooperative|Pingpong)"
+                           r"|MMA_\d+x\d+x\d+|GemmGrouped", name)
+        tile = re.search(r"GemmShape(?:ILi(\d+)ELi(\d+)ELi(\d+)E|<(\d+), ?(\d+), ?(\d+)>)", name)
+        if tile:
+            parts.append("x".join(g for g in tile.groups() if g))
+        head = "cutlass " if parts else name.split("<", 1)[0]
+        return head + " ".join(dict.fromkeys(parts))
+    name = name.replace("(anonymous namespace)::", "")
     head = name.split("<", 1)[0].split("(", 1)[0]
     inner = re.findall(r"at::native::(\w+)", name)
     extra = [w for w in dict.fromkeys(inner) if w not in _GENERIC and w not in head]
@@ -371,7 +376,9 @@ def read_nsys_sqlite(path, steps):
         "WHERE n.end IS NOT NULL AND n.end > n.start")
     ranges = [(r[0] or "", r[1], r[2], r[3]) for r in con.execute(q)]
     kernels = []
-    for table, name_col in (("CUPTI_ACTIVITY_KIND_KERNEL", "shortName"),
+    kernel_cols = {r[1] for r in con.execute("PRAGMA table_info(CUPTI_ACTIVITY_KIND_KERNEL)")}
+    name = "demangledName" if "demangledName" in kernel_cols else "shortName"
+    for table, name_col in (("CUPTI_ACTIVITY_KIND_KERNEL", name),
                             ("CUPTI_ACTIVITY_KIND_MEMSET", None),
                             ("CUPTI_ACTIVITY_KIND_MEMCPY", None)):
         if table not in tables:

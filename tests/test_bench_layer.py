@@ -210,6 +210,15 @@ def test_profile_short_kernel_names():
                "4GMMA28MMA_64x256x16_F32BF16BF16_SSILNSV_5MajorE0E")
     assert prof.short_kernel_name(cutlass) == \
         "cutlass KernelPtrArrayTmaWarpSpecializedCooperative MMA_64x256x16"
+    sm80 = ("_ZN7cutlass6KernelINS_4gemm6kernel11GemmGroupedINS1_11threadblock13MmaMultistageINS1_"
+            "9GemmShapeILi128ELi128ELi32EEENS_9transform11threadblockEEEEEvNT_6ParamsE")
+    assert prof.short_kernel_name(sm80) == "cutlass GemmGrouped 128x128x32"
+    nsys = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::"
+            "KernelPtrArrayTmaWarpSpecializedPingpong, cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS"
+            "<(cute::SM90::GMMA::Major)0>>>(T1::Params)")
+    assert prof.short_kernel_name(nsys) == \
+        "cutlass KernelPtrArrayTmaWarpSpecializedPingpong MMA_64x256x16"
+    assert prof.short_kernel_name("void cutlass::other_kernel<int>(int)") == "cutlass::other_kernel"
 
 
 def test_profile_module_does_not_shadow_stdlib():

@@ -257,7 +257,7 @@ def test_offsets_non_contiguous(backend):
     check(out, ref64(a, b, off.contiguous()), torch.bfloat16, "strided offsets")
 
 
-def test_empty_shapes(backend):
+def test_empty_shapes():
     a, b = make(0, 16, 8, 2, torch.bfloat16)
     assert ops.grouped_mm(a, b, i32([0, 0])).shape == (0, 8)
     a, b = make(9, 16, 8, 0, torch.bfloat16)
@@ -666,7 +666,13 @@ def test_backend_override(monkeypatch):
     a, b = make(64, 16, 16, 2, torch.bfloat16)
     offsets = i32([30, 64])
     monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_BACKEND", "simt")
-    check(ops.grouped_mm(a, b, offsets), ref64(a, b, offsets), torch.bfloat16, "simt")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = ops.grouped_mm(a, b, offsets)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "fallback_grouped_mm_kernel" in names or not names, "simt: the SIMT kernel runs"
+    assert "cutlass" not in names, "simt: no CUTLASS kernel may run"
+    check(out, ref64(a, b, offsets), torch.bfloat16, "simt")
     monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_BACKEND", "sm81")
     with pytest.raises(RuntimeError, match="ANYEXPERTS_GROUPED_MM_BACKEND='sm81'"):
         ops.grouped_mm(a, b, offsets)

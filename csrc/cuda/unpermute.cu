@@ -5,8 +5,8 @@
 // Backward: a stable radix sort orders the slots by row (ascending slot order within a row),
 // then one warp per slot writes grad_weights = <grad_out[t], y[row]> and, for a row it has
 // alone (every row permute makes), grad_y[row] = w * grad_out[t] in the same pass. A row
-// shared by several slots gets the fp32 sum of their terms in that order, written once by
-// its first slot: deterministic, no atomics. A second pass zeroes the rows no slot refers to
+// shared by several slots gets the sum of their terms in that order (fp32, fp64 for fp64 y),
+// written once by its first slot: deterministic, no atomics. A second pass zeroes the rows no slot refers to
 // (unless zero_unreferenced is false). Rows are 16-byte vectors where alignment allows.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
