@@ -198,27 +198,31 @@ def test_profile_attribution_and_nsys_sqlite(tmp_path, capsys):
     assert "kernels by range" in text and "  other: 3.000 ms in 2 launches" in text
 
 
-def test_profile_short_kernel_names():
-    prof = _load_profile_module()
-    aten = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
-            "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>(int)")
-    assert prof.short_kernel_name(aten) == "at::native::elementwise_kernel [direct_copy_kernel_cuda]"
-    ours = "void anyexperts::(anonymous namespace)::gather_kernel<c10::BFloat16, 8>(int, int)"
-    assert prof.short_kernel_name(ours) == "anyexperts::gather_kernel"
-    cutlass = ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShape"
-               "NS1_43KernelPtrArrayTmaWarpSpecializedCooperativeEEENS6_IJNSC_ILi128EEENS5_4SM90"
-               "4GMMA28MMA_64x256x16_F32BF16BF16_SSILNSV_5MajorE0E")
-    assert prof.short_kernel_name(cutlass) == \
-        "cutlass KernelPtrArrayTmaWarpSpecializedCooperative MMA_64x256x16"
-    sm80 = ("_ZN7cutlass6KernelINS_4gemm6kernel11GemmGroupedINS1_11threadblock13MmaMultistageINS1_"
-            "9GemmShapeILi128ELi128ELi32EEENS_9transform11threadblockEEEEEvNT_6ParamsE")
-    assert prof.short_kernel_name(sm80) == "cutlass GemmGrouped 128x128x32"
-    nsys = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::"
-            "KernelPtrArrayTmaWarpSpecializedPingpong, cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS"
-            "<(cute::SM90::GMMA::Major)0>>>(T1::Params)")
-    assert prof.short_kernel_name(nsys) == \
-        "cutlass KernelPtrArrayTmaWarpSpecializedPingpong MMA_64x256x16"
-    assert prof.short_kernel_name("void cutlass::other_kernel<int>(int)") == "cutlass::other_kernel"
+# (kernel name as a profiler reports it, its short form)
+KERNEL_NAMES = [
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+     "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>(int)",
+     "at::native::elementwise_kernel [direct_copy_kernel_cuda]"),
+    ("void anyexperts::(anonymous namespace)::gather_kernel<c10::BFloat16, 8>(int, int)",
+     "anyexperts::gather_kernel"),
+    ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShape"
+     "NS1_43KernelPtrArrayTmaWarpSpecializedCooperativeEEENS6_IJNSC_ILi128EEENS5_4SM90"
+     "4GMMA28MMA_64x256x16_F32BF16BF16_SSILNSV_5MajorE0E",
+     "cutlass KernelPtrArrayTmaWarpSpecializedCooperative MMA_64x256x16"),
+    ("_ZN7cutlass6KernelINS_4gemm6kernel11GemmGroupedINS1_11threadblock13MmaMultistageINS1_"
+     "9GemmShapeILi128ELi128ELi32EEENS_9transform11threadblockEEEEEvNT_6ParamsE",
+     "cutlass GemmGrouped 128x128x32"),
+    ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::"
+     "KernelPtrArrayTmaWarpSpecializedPingpong, cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS"
+     "<(cute::SM90::GMMA::Major)0>>>(T1::Params)",        # demangled, as nsys reports it
+     "cutlass KernelPtrArrayTmaWarpSpecializedPingpong MMA_64x256x16"),
+    ("void cutlass::other_kernel<int>(int)", "cutlass::other_kernel"),
+]
+
+
+@pytest.mark.parametrize("name,short", KERNEL_NAMES)
+def test_profile_short_kernel_names(name, short):
+    assert _load_profile_module().short_kernel_name(name) == short
 
 
 def test_profile_module_does_not_shadow_stdlib():
