@@ -982,7 +982,8 @@ def environment(device) -> dict:
                 cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                 cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=commit, anyexperts_cuda_kernels=kernels)
+                commit=commit, anyexperts_cuda_kernels=kernels,
+                grouped_mm_backend_override=os.environ.get("ANYEXPERTS_GROUPED_MM_BACKEND"))
 
 
 MODES_DOC = {
