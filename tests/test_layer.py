@@ -397,7 +397,10 @@ def test_compile_fullgraph_matches_eager():
     (o0.sum() + a0.loss).backward()
     _close(o1.detach(), o0.detach(), "compiled out (train)")
     torch.testing.assert_close(m.importance_bias, m2.importance_bias)
-    assert float(m.importance_bias) != 0.0
+    # the controller ran inside the compiled graph. Its bias step is 0 when this batch's
+    # Avg-K hits the target exactly (it can, at 24 tokens), but the running mean always moves.
+    torch.testing.assert_close(m.avg_real_ema, m2.avg_real_ema)
+    assert float(m.avg_real_ema) > 0.0
     _close(m.w_gate_up.grad, m2.w_gate_up.grad, "compiled grad")
     torch._dynamo.reset()
 
