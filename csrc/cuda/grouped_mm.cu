@@ -258,8 +258,9 @@ void fallback_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& dout,
 //                                next older one. For tests and benchmarks of the older
 //                                paths on newer GPUs (sm80 on an H100).
 // Unset or empty means auto; any other value fails every grouped_mm call with work to do
-// (empty shapes return first) with an error that lists the accepted ones. Read once per process, or on every call with
-// ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 (as the SM90 tuning variables below).
+// (empty shapes return first) with an error that lists the accepted ones. Read once per
+// process, or on every call with ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 (as the SM90 tuning
+// variables below).
 enum class Backend : int { kSimt = 0, kSm80 = 1, kSm90 = 2 };  // ordered: newer is larger
 
 // The variable's value, or nullptr when unset or empty.

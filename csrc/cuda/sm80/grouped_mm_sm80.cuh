@@ -74,8 +74,6 @@ struct ForwardGemms {
 template <class Element>
 using WgradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
-constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
 // Device arrays of the per-group kernel arguments, carved from one workspace buffer.
 template <class Gemm>
 struct ArgBuffers {
@@ -88,29 +86,25 @@ struct ArgBuffers {
   Index* ldb;
   Index* ldd;
 
-  static size_t bytes(int64_t groups) {
-    const size_t g = static_cast<size_t>(groups);
-    return align_up(g * sizeof(cutlass::gemm::GemmCoord), 16) + 3 * align_up(g * sizeof(void*), 16) +
-           3 * align_up(g * sizeof(Index), 16);
+  // The arrays at `base`, or none with base nullptr (bytes() then counts them).
+  static ArgBuffers carve(void* base, int64_t groups, size_t* bytes = nullptr) {
+    grouped::ArrayCarver c(base);
+    ArgBuffers buf;
+    buf.problem_sizes = c.take<cutlass::gemm::GemmCoord>(groups);
+    buf.ptr_a = c.take<typename Gemm::ElementA*>(groups);
+    buf.ptr_b = c.take<typename Gemm::ElementB*>(groups);
+    buf.ptr_d = c.take<typename Gemm::ElementD*>(groups);
+    buf.lda = c.take<Index>(groups);
+    buf.ldb = c.take<Index>(groups);
+    buf.ldd = c.take<Index>(groups);
+    if (bytes != nullptr) *bytes = c.bytes();
+    return buf;
   }
 
-  static ArgBuffers carve(void* base, int64_t groups) {
-    const size_t g = static_cast<size_t>(groups);
-    char* p = static_cast<char*>(base);
-    auto take = [&](size_t n) {
-      char* q = p;
-      p += align_up(n, 16);
-      return q;
-    };
-    ArgBuffers buf;
-    buf.problem_sizes = reinterpret_cast<cutlass::gemm::GemmCoord*>(take(g * sizeof(cutlass::gemm::GemmCoord)));
-    buf.ptr_a = reinterpret_cast<typename Gemm::ElementA**>(take(g * sizeof(void*)));
-    buf.ptr_b = reinterpret_cast<typename Gemm::ElementB**>(take(g * sizeof(void*)));
-    buf.ptr_d = reinterpret_cast<typename Gemm::ElementD**>(take(g * sizeof(void*)));
-    buf.lda = reinterpret_cast<Index*>(take(g * sizeof(Index)));
-    buf.ldb = reinterpret_cast<Index*>(take(g * sizeof(Index)));
-    buf.ldd = reinterpret_cast<Index*>(take(g * sizeof(Index)));
-    return buf;
+  static size_t bytes(int64_t groups) {
+    size_t n = 0;
+    carve(nullptr, groups, &n);
+    return n;
   }
 
   // The kernels take non-const operand pointers; they only read A and B.

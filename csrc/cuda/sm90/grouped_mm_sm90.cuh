@@ -138,8 +138,6 @@ __host__ __device__ inline Stride make_ld_stride(int64_t ld) {
   return s;
 }
 
-constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
 // Device arrays of the per-group kernel arguments, carved from one workspace buffer.
 template <class Gemm>
 struct ArgBuffers {
@@ -151,31 +149,25 @@ struct ArgBuffers {
   typename Gemm::StrideB* stride_b;
   typename Gemm::StrideD* stride_d;
 
-  static size_t bytes(int64_t groups) {
-    const size_t g = static_cast<size_t>(groups);
-    return align_up(g * sizeof(UnderlyingProblemShape), 16) + 3 * align_up(g * sizeof(void*), 16) +
-           align_up(g * sizeof(typename Gemm::StrideA), 16) +
-           align_up(g * sizeof(typename Gemm::StrideB), 16) +
-           align_up(g * sizeof(typename Gemm::StrideD), 16);
+  // The arrays at `base`, or none with base nullptr (bytes() then counts them).
+  static ArgBuffers carve(void* base, int64_t groups, size_t* bytes = nullptr) {
+    grouped::ArrayCarver c(base);
+    ArgBuffers buf;
+    buf.problem_sizes = c.take<UnderlyingProblemShape>(groups);
+    buf.ptr_a = c.take<const typename Gemm::ElementA*>(groups);
+    buf.ptr_b = c.take<const typename Gemm::ElementB*>(groups);
+    buf.ptr_d = c.take<typename Gemm::ElementD*>(groups);
+    buf.stride_a = c.take<typename Gemm::StrideA>(groups);
+    buf.stride_b = c.take<typename Gemm::StrideB>(groups);
+    buf.stride_d = c.take<typename Gemm::StrideD>(groups);
+    if (bytes != nullptr) *bytes = c.bytes();
+    return buf;
   }
 
-  static ArgBuffers carve(void* base, int64_t groups) {
-    const size_t g = static_cast<size_t>(groups);
-    char* p = static_cast<char*>(base);
-    auto take = [&](size_t n) {
-      char* q = p;
-      p += align_up(n, 16);
-      return q;
-    };
-    ArgBuffers buf;
-    buf.problem_sizes = reinterpret_cast<UnderlyingProblemShape*>(take(g * sizeof(UnderlyingProblemShape)));
-    buf.ptr_a = reinterpret_cast<const typename Gemm::ElementA**>(take(g * sizeof(void*)));
-    buf.ptr_b = reinterpret_cast<const typename Gemm::ElementB**>(take(g * sizeof(void*)));
-    buf.ptr_d = reinterpret_cast<typename Gemm::ElementD**>(take(g * sizeof(void*)));
-    buf.stride_a = reinterpret_cast<typename Gemm::StrideA*>(take(g * sizeof(typename Gemm::StrideA)));
-    buf.stride_b = reinterpret_cast<typename Gemm::StrideB*>(take(g * sizeof(typename Gemm::StrideB)));
-    buf.stride_d = reinterpret_cast<typename Gemm::StrideD*>(take(g * sizeof(typename Gemm::StrideD)));
-    return buf;
+  static size_t bytes(int64_t groups) {
+    size_t n = 0;
+    carve(nullptr, groups, &n);
+    return n;
   }
 
   __device__ void set_forward(int64_t g, RowSpan span, const ForwardProblem& p) const {
@@ -313,7 +305,7 @@ template <class Gemm>
 size_t cutlass_workspace_bytes(int64_t groups, int sm_count) {
   ArgBuffers<Gemm> none{};
   auto args = make_arguments<Gemm>(groups, none, 0, sm_count, 0);
-  return align_up(Gemm::Kernel::get_workspace_size(args), 256);
+  return grouped::align_up(Gemm::Kernel::get_workspace_size(args), 256);
 }
 
 template <class Gemm>

@@ -1,5 +1,6 @@
-// The argument-building kernels every device-scheduled grouped GEMM runs first (SM90 and
-// SM80 paths alike): one thread per group turns `offsets` into that group's row span
+// The per-group argument arrays of every device-scheduled grouped GEMM (SM90 and SM80
+// paths alike): their place in the workspace (ArrayCarver), and the kernels that fill them
+// first: one thread per group turns `offsets` into that group's row span
 // (anyexperts::group_span) and hands it to the kernel's argument arrays, and the blocks
 // zero what the GEMM never writes: the rows past the last group (forward, with
 // zero_tail), db[g] of empty groups (wgrad; their problem is (0,0,0), since a GEMM with
@@ -12,12 +13,36 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "anyexperts/grouped_mm_problem.h"
 #include "anyexperts/rules.h"
 
 namespace anyexperts::grouped {
+
+constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// Hands out consecutive 16-byte-aligned arrays of one workspace buffer. Without a buffer
+// (base nullptr) it only counts, so one sequence of take() calls both sizes a kernel's
+// argument arrays and carves them: the two cannot drift apart.
+class ArrayCarver {
+ public:
+  explicit ArrayCarver(void* base) : base_(static_cast<char*>(base)) {}
+
+  template <class T>
+  T* take(int64_t count) {
+    T* at = base_ != nullptr ? reinterpret_cast<T*>(base_ + bytes_) : nullptr;
+    bytes_ += align_up(static_cast<size_t>(count) * sizeof(T), 16);
+    return at;
+  }
+
+  size_t bytes() const { return bytes_; }
+
+ private:
+  char* base_;
+  size_t bytes_ = 0;
+};
 
 constexpr int kPrepareThreads = 256;
 constexpr int kSmemOffsets = 4096;  // offsets cached in shared memory up to this many groups
