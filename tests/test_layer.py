@@ -118,6 +118,44 @@ def test_bf16_layer_close_to_fp32():
     assert mb.w_gate_up.grad.dtype == torch.bfloat16 and torch.isfinite(mb.w_gate_up.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["ops", "reference"])
+def test_layer_gradcheck_fp64(backend):
+    """fp64 gradcheck of out and the aux loss with respect to x (through the importance MLP,
+    HSM, IAR and the copy term) and to the const vectors. Routing is piecewise constant, so
+    the check needs no near-tie within eps: none at this seed's margins."""
+    m = _layer(backend=backend, hsm_alpha=0.5).double()
+    x = torch.randn(12, H, dtype=torch.float64)
+    with torch.no_grad():
+        ids = m(x)[1].routing.ids
+    N = m.config.num_experts
+    assert (ids == N + 1).any() and (ids == N + 2).any(), "copy and const slots must be taken"
+    names = ("const_vectors",)
+    params = {n: p for n, p in m.named_parameters() if n not in names}
+
+    def f(xx, const_vectors):
+        out, aux = torch.func.functional_call(m, {**params, "const_vectors": const_vectors},
+                                              (xx,))
+        return out, aux.loss
+
+    xx = x.clone().requires_grad_(True)
+    cv = m.const_vectors.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (xx, cv), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_autocast_bf16_runs_and_keeps_dtype():
+    """Under CPU autocast the layer's output keeps x's dtype (the virtual terms are
+    added in place in out's dtype) and every parameter gets a finite gradient."""
+    m = _layer()
+    x = torch.randn(30, H, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aux = m(x)
+    assert out.dtype == x.dtype
+    (out.float().square().mean() + aux.loss).backward()
+    assert torch.isfinite(x.grad).all()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
 # ---- static top-K against an independent plain MoE -------------------------------------
 
 def _plain_topk_moe(x, router_w, w_gate_up, w_down, k):

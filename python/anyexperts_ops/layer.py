@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as _reference
-from .stats import (MoEAux, RoutingRecord, expert_counts, load_balance_loss, router_z_loss,
-                    routing_stats, slot_counts)
+from .stats import (MoEAux, RoutingRecord, acc as _acc, expert_counts, load_balance_loss,
+                    router_z_loss, routing_stats, slot_counts)
 
 __all__ = ["AnyExpertsConfig", "AnyExpertsMoE", "ImportancePredictor", "VIRTUAL_KINDS",
            "SLOT_MODES", "IMPORTANCE_KINDS", "BACKENDS"]
@@ -181,9 +181,26 @@ class ImportancePredictor(nn.Module):
         return _acc(self.net(x).squeeze(-1))
 
 
-def _acc(t: Tensor) -> Tensor:
-    """Routing math in fp32 (fp64 for an fp64 layer, so gradcheck can run)."""
-    return t if t.dtype == torch.float64 else t.float()
+class _HSM(torch.autograd.Function):
+    """x' = x + x * c, c = alpha * w per token ([T, 1], x's dtype), each way in one pass
+    over [T, H]. Autograd of ``addcmul(x, x, c)`` sees x twice and pays a broadcast product
+    plus a sum of two [T, H] gradients; here dx = g + g * c is one addcmul and dc the row
+    dot product of g and x."""
+
+    @staticmethod
+    def forward(x: Tensor, c: Tensor) -> Tensor:
+        return torch.addcmul(x, x, c)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, c = ctx.saved_tensors
+        dx = torch.addcmul(g, g, c) if ctx.needs_input_grad[0] else None
+        dc = (g * x).sum(dim=-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        return dx, dc
 
 
 def _backend_module(name: str):
@@ -308,8 +325,8 @@ class AnyExpertsMoE(nn.Module):
             w = torch.sigmoid(score)
         xh = x
         if w is not None and c.hsm_alpha != 0.0:
-            # one pass over x: x + x * (alpha w), the product and sum in fp32 inside addcmul
-            xh = torch.addcmul(x, x, (c.hsm_alpha * w).to(x.dtype).unsqueeze(-1))
+            # x + x * (alpha w), the product and sum in fp32 inside addcmul
+            xh = _HSM.apply(x, (c.hsm_alpha * w).to(x.dtype).unsqueeze(-1))
         logits = _acc(self.router(xh))
         if M > 0 and w is not None and c.iar_scale != 0.0:
             shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)
@@ -368,9 +385,11 @@ class AnyExpertsMoE(nn.Module):
             coef = wv.index_select(1, self._copy_idx).sum(dim=-1, keepdim=True)
             out = torch.addcmul(out, xh, coef.to(out.dtype))
         if self._const_cols:
-            out = torch.addmm(out, wv.index_select(1, self._const_idx).to(out.dtype),
-                              self.const_vectors.to(out.dtype))
-        return out.to(xh.dtype)  # addmm may run in autocast's dtype
+            # in place: out is this layer's own intermediate, which no backward reads, and
+            # addmm_ reads it as the GEMM's C (out-of-place addmm copies it first)
+            out = out.addmm_(wv.index_select(1, self._const_idx).to(out.dtype),
+                             self.const_vectors.to(out.dtype))
+        return out
 
     def forward(self, x: Tensor, modality: Optional[Tensor] = None
                 ) -> tuple[Tensor, MoEAux]:

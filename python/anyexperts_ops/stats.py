@@ -97,6 +97,11 @@ def expert_counts(ids: Tensor, num_real: int) -> Tensor:
     return counts[:num_real]
 
 
+def acc(t: Tensor) -> Tensor:
+    """Routing math in fp32 (fp64 for an fp64 layer, so gradcheck can run)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def load_balance_loss(ids: Tensor, logits: Tensor, num_real: int,
                       counts: Optional[Tensor] = None) -> Tensor:
     """Switch-style N * sum_e f_e * P_e over the real experts only.
@@ -112,7 +117,7 @@ def load_balance_loss(ids: Tensor, logits: Tensor, num_real: int,
     if counts is None:
         counts = expert_counts(ids, num_real)
     f = counts / counts.sum().clamp(min=1.0)
-    P = torch.softmax(logits[:, :num_real].float(), dim=-1).mean(dim=0)
+    P = torch.softmax(acc(logits[:, :num_real]), dim=-1).mean(dim=0)
     return num_real * (f * P).sum()
 
 
@@ -120,7 +125,7 @@ def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2."""
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(acc(logits), dim=-1).square().mean()
 
 
 def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: int,
