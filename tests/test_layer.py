@@ -142,6 +142,19 @@ def test_layer_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(f, (xx, cv), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("out_features", [8, 13, 132])
+def test_router_matches_linear(out_features):
+    """The padded router is nn.Linear(bias=False) to the rounding of the product, with the
+    same parameter (name and shape) and a gradient only on the real rows."""
+    from anyexperts_ops.layer import Router
+    r = Router(H, out_features).double()
+    assert [n for n, _ in r.named_parameters()] == ["weight"]
+    assert r.weight.shape == (out_features, H)
+    x = torch.randn(5, H, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(r(x), F.linear(x, r.weight))
+    assert torch.autograd.gradcheck(r, (x,))
+
+
 def test_autocast_bf16_runs_and_keeps_dtype():
     """Under CPU autocast the layer's output keeps x's dtype (the virtual terms are
     added in place in out's dtype) and every parameter gets a finite gradient."""

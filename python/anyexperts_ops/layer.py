@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import reference as _reference
 from .stats import (MoEAux, RoutingRecord, acc as _acc, expert_counts, load_balance_loss,
@@ -151,6 +152,24 @@ class AnyExpertsConfig:
         return d
 
 
+class Router(nn.Linear):
+    """The router: an nn.Linear without bias whose product writes rows padded to a multiple
+    of 8 elements, sliced back to N+M columns. cuBLAS takes its fast kernels only for
+    16-byte aligned rows: at N+M = 132 (128 experts plus 4 virtual) the unpadded product
+    ran at half speed on an H100 (0.117 against 0.059 ms forward, 0.25 against 0.11 ms
+    backward, the same GEMM at N = 128). The padding rows are zeros appended to the weight
+    on the fly (N+M rows of H: a few hundred KB), not parameters."""
+
+    def __init__(self, in_features: int, out_features: int, **kw):
+        super().__init__(in_features, out_features, bias=False, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = -self.out_features % 8
+        if pad == 0:
+            return super().forward(x)
+        return F.linear(x, F.pad(self.weight, (0, 0, 0, pad)))[..., :self.out_features]
+
+
 class ImportancePredictor(nn.Module):
     """Token importance score s_i (a logit; w_i = sigmoid(s_i)).
 
@@ -235,7 +254,7 @@ class AnyExpertsMoE(nn.Module):
         H, Fd, N, M = c.hidden_size, c.ffn_size, c.num_experts, c.num_virtual
         self.importance = (ImportancePredictor(H, c.importance, c.importance_hidden).to(**fk)
                            if c.importance is not None else None)
-        self.router = nn.Linear(H, N + M, bias=False, **fk)
+        self.router = Router(H, N + M, **fk)
         self.w_gate_up = nn.Parameter(torch.empty(N, 2 * Fd, H, **fk))
         self.w_down = nn.Parameter(torch.empty(N, H, Fd, **fk))
         kinds = c.virtual_kinds
