@@ -277,6 +277,11 @@ class StageBackend:
         self._bwd(out, "unpermute")
         return out
 
+    def add_virtual(self, out, *args, **kw):
+        res = self.inner.add_virtual(out, *args, **kw)
+        self._bwd(res, "unpermute")  # the virtual terms' backward, like their forward
+        return res
+
 
 _PROBED_CLASSES: dict = {}
 

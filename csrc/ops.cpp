@@ -38,4 +38,10 @@ TORCH_LIBRARY(anyexperts, m) {
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor slot_rows, Tensor weights, *, "
       "bool zero_unreferenced=True) -> (Tensor grad_y, Tensor grad_weights)");
+  m.def(
+      "add_virtual(Tensor out, Tensor x, Tensor ids, Tensor weights, int num_real, "
+      "Tensor sources, Tensor const_vectors) -> Tensor");
+  m.def(
+      "add_virtual_backward(Tensor grad, Tensor x, Tensor ids, Tensor weights, int num_real, "
+      "Tensor sources, Tensor const_vectors) -> (Tensor grad_x, Tensor grad_weights)");
 }

@@ -138,6 +138,36 @@ def random_ids(T: int, K: int, num_real: int, *, masked: float = 0.25,
     return ids.contiguous()
 
 
+def virtual_inputs(T: int, H: int, K: int, num_real: int, *, dtype=torch.float32,
+                   device="cpu"):
+    """add_virtual's inputs: (out, x, ids, weights, num_real, sources, const_vectors) with
+    virtual experts of every code (zero -1, copy -2, const rows 0 and 1) and codes the op
+    must ignore (a const row past C, an unknown negative), ids over real, virtual, -1 and
+    junk values."""
+    sources = torch.tensor([-1, -2, 0, 1, 2, -5, -2], dtype=torch.int32)  # C = 2: 2 is junk
+    M = sources.shape[0]
+    ids = randint(-1, num_real + M - 1, (T, K))
+    junk = torch.tensor([num_real + M, 2**31 - 1, -2**31, -3], dtype=torch.int32)
+    r = torch.rand(T, K)
+    ids = torch.where(r < 0.1, junk[torch.randint(0, len(junk), (T, K))], ids)
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
+        torch.randn(T, H, dtype=dtype), torch.randn(T, H, dtype=dtype), ids.contiguous(),
+        torch.rand(T, K, dtype=wdt), num_real, sources, torch.randn(2, H, dtype=dtype)))
+
+
+def poisoned(fn, *args):
+    """Runs fn once to learn its outputs, refills their memory with NaN / garbage through
+    the caching allocator, then runs fn again: stale memory shows up as NaN or garbage."""
+    outs = fn(*args)
+    specs = [(o.shape, o.dtype, o.device) for o in (outs if isinstance(outs, tuple) else (outs,))]
+    del outs
+    blocks = [torch.full(s, float("nan") if d.is_floating_point else 0x7F7F7F7F, dtype=d,
+                         device=dev) for s, d, dev in specs]
+    del blocks
+    return fn(*args)
+
+
 def random_offsets(G: int, R: int, *, tail: bool = True, empty: float = 0.3) -> torch.Tensor:
     """Monotone end offsets for G groups in [0, R]; some groups empty; with `tail`, the
     last offset stops short of R (rows after it belong to no group)."""

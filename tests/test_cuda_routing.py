@@ -12,6 +12,7 @@ import torch
 
 import anyexperts_ops as ae
 from anyexperts_ops import reference as ref
+from conftest import poisoned as _poisoned
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -102,18 +103,6 @@ def _exact(out, expected, what):
         ne &= ~(torch.isnan(out) & torch.isnan(expected))
     assert not ne.any(), (f"{what}: {int(ne.sum())} mismatches, first at "
                           f"{tuple(ne.nonzero()[0].tolist())}")
-
-
-def _poisoned(fn, *args):
-    """Runs fn once to learn its outputs, refills their memory with NaN / garbage through
-    the caching allocator, then runs fn again: stale memory shows up as NaN or garbage."""
-    outs = fn(*args)
-    specs = [(o.shape, o.dtype) for o in (outs if isinstance(outs, tuple) else (outs,))]
-    del outs
-    blocks = [torch.full(s, float("nan") if d.is_floating_point else 0x7F7F7F7F, dtype=d,
-                         device=DEV) for s, d in specs]
-    del blocks
-    return fn(*args)
 
 
 def _has_cpu(op):

@@ -216,6 +216,10 @@ DEVICE_CASES = {
                         "swiglu_backward: gu and grad_h must be on the same device"),
     "unpermute": (lambda d: unperm(rows=z(4, 3, dtype=I32, device=d)),
                   "unpermute: y and slot_rows must be on the same device"),
+    "add_virtual": (lambda d: lambda: torch.ops.anyexperts.add_virtual(
+                        z(4, 6), z(4, 6), z(4, 3, dtype=I32, device=d), z(4, 3), 2,
+                        z(3, dtype=I32), z(2, 6)),
+                    "add_virtual: every input must be on out's device cpu, got cuda"),
 }
 
 

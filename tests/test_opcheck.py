@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_ids, random_offsets, randint, routing_inputs
+from conftest import random_ids, random_offsets, randint, routing_inputs, virtual_inputs
 
 ops = torch.ops.anyexperts
 
@@ -89,6 +89,25 @@ def _unpermute_backward_samples():
     yield "strided", (torch.randn(8, 6), torch.randn(6, 30).t(), rows, torch.randn(3, 8).t())
 
 
+def _grad_args(args, which):
+    return tuple(a.requires_grad_() if i in which else a for i, a in enumerate(args))
+
+
+def _add_virtual_samples():
+    yield "fp32", _grad_args(virtual_inputs(9, 6, 3, 4), (0, 1, 3, 6))
+    yield "bf16", virtual_inputs(5, 8, 4, 3, dtype=torch.bfloat16)
+    out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 2, 4)
+    yield "no-const", (out, x, ids, w, n, src, cv[:0])
+    yield "T0", virtual_inputs(0, 4, 3, 2)
+
+
+def _add_virtual_backward_samples():
+    yield "fp32", virtual_inputs(9, 6, 3, 4)
+    yield "bf16", virtual_inputs(5, 8, 4, 3, dtype=torch.bfloat16)
+    out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 3, 4)
+    yield "strided", (out.t().contiguous().t(), x, ids, w, n, src, cv)
+
+
 SAMPLERS = {
     "segmented_topk": _topk_samples,
     "segmented_topk_backward": _topk_backward_samples,
@@ -99,6 +118,8 @@ SAMPLERS = {
     "swiglu_backward": _swiglu_backward_samples,
     "unpermute": _unpermute_samples,
     "unpermute_backward": _unpermute_backward_samples,
+    "add_virtual": _add_virtual_samples,
+    "add_virtual_backward": _add_virtual_backward_samples,
 }
 
 

@@ -267,10 +267,12 @@ class AnyExpertsMoE(nn.Module):
         self.register_buffer("budget_target", torch.tensor(
             float(c.target_avg_k or 0.0), dtype=torch.float32, device=bdev))
         self.register_buffer("avg_real_ema", torch.zeros((), dtype=torch.float32, device=bdev))
-        self.register_buffer("_copy_idx", torch.tensor(self._copy_cols, dtype=torch.long,
-                                                       device=bdev), persistent=False)
-        self.register_buffer("_const_idx", torch.tensor(self._const_cols, dtype=torch.long,
-                                                        device=bdev), persistent=False)
+        # add_virtual's code of each virtual expert: -1 zero, -2 copy, c: const_vectors[c]
+        codes = [-2 if k == "copy" else -1 for k in kinds]
+        for row, m in enumerate(self._const_cols):
+            codes[m] = row
+        self.register_buffer("_virtual_sources", torch.tensor(codes, dtype=torch.int32,
+                                                              device=bdev), persistent=False)
         self.backend = c.backend
         self.reset_parameters()
 
@@ -387,28 +389,16 @@ class AnyExpertsMoE(nn.Module):
         return out, offsets
 
     def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-        """out plus the virtual experts' terms: copy adds weight * x', const weight * v_j,
-        zero nothing. One fused pass per kind over [T, H] in out's dtype (addcmul and
-        addmm compute in fp32 inside), so virtual slots stay near-free next to the expert
-        GEMMs. The price in bf16/fp16: the per-token coefficients, and the gradients that
-        flow back to them and to const_vectors, are rounded to that dtype."""
+        """out plus the virtual experts' terms (copy adds weight * x', const weight * v_j,
+        zero nothing): one ``add_virtual`` pass over [T, H], so virtual slots stay near-free
+        next to the expert GEMMs."""
         c = self.config
-        N, M = c.num_experts, c.num_virtual
-        if M == 0 or not (self._copy_cols or self._const_cols):
-            return out  # only zero experts: they add nothing
-        T = ids.shape[0]
-        vid = ids.long() - N
-        col = torch.where(vid >= 0, vid, torch.full_like(vid, M))   # M: a dump column
-        wv = weights.new_zeros((T, M + 1)).scatter_add(1, col, weights)[:, :M]
-        if self._copy_cols:
-            coef = wv.index_select(1, self._copy_idx).sum(dim=-1, keepdim=True)
-            out = torch.addcmul(out, xh, coef.to(out.dtype))
-        if self._const_cols:
-            # in place: out is this layer's own intermediate, which no backward reads, and
-            # addmm_ reads it as the GEMM's C (out-of-place addmm copies it first)
-            out = out.addmm_(wv.index_select(1, self._const_idx).to(out.dtype),
-                             self.const_vectors.to(out.dtype))
-        return out
+        if not (self._copy_cols or self._const_cols):
+            return out  # only zero experts (or none): they add nothing
+        const = (self.const_vectors.to(out.dtype) if self.const_vectors is not None
+                 else out.new_empty((0, c.hidden_size)))
+        return self._B.add_virtual(out, xh.to(out.dtype), ids, weights, c.num_experts,
+                                   self._virtual_sources, const)
 
     def forward(self, x: Tensor, modality: Optional[Tensor] = None
                 ) -> tuple[Tensor, MoEAux]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, registering the ops)
+from . import reference as _reference
 
 _ops = torch.ops.anyexperts
 
@@ -62,6 +63,14 @@ def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor, *,
     of grad y that no slot refers to are zero, or with ``zero_unreferenced=False``
     unwritten (unspecified)."""
     return _ops.unpermute.default(y, slot_rows, weights, zero_unreferenced=zero_unreferenced)
+
+
+def add_virtual(out: Tensor, x: Tensor, ids: Tensor, weights: Tensor, num_real: int,
+                sources: Tensor, const_vectors: Tensor) -> Tensor:
+    """out plus the virtual experts' terms: each slot j of token t whose id is virtual
+    expert m = ids[t,j] - num_real adds weights[t,j] times x[t] (sources[m] = -2, copy),
+    const_vectors[c] (sources[m] = c >= 0) or nothing (-1, zero). One pass over [T, H]."""
+    return _ops.add_virtual.default(out, x, ids, weights, num_real, sources, const_vectors)
 
 
 # ---- fake implementations: output shapes and dtypes only -------------------------------
@@ -117,6 +126,17 @@ def _unpermute_fake(y, slot_rows, weights, *, zero_unreferenced=True):
 @torch.library.register_fake("anyexperts::unpermute_backward")
 def _unpermute_backward_fake(grad_out, y, slot_rows, weights, *, zero_unreferenced=True):
     return y.new_empty(y.shape), weights.new_empty(weights.shape)
+
+
+@torch.library.register_fake("anyexperts::add_virtual")
+def _add_virtual_fake(out, x, ids, weights, num_real, sources, const_vectors):
+    return out.new_empty(out.shape)
+
+
+@torch.library.register_fake("anyexperts::add_virtual_backward")
+def _add_virtual_backward_fake(grad, x, ids, weights, num_real, sources, const_vectors):
+    return grad.new_empty(grad.shape), weights.new_empty(ids.shape,
+                                                         dtype=_weight_dtype(grad.dtype))
 
 
 # ---- autograd -------------------------------------------------------------------------
@@ -218,3 +238,33 @@ def _unpermute_backward(ctx, grad_out):
 
 torch.library.register_autograd("anyexperts::unpermute", _unpermute_backward,
                                 setup_context=_unpermute_setup)
+
+
+def _add_virtual_setup(ctx, inputs, output):
+    _out, x, ids, weights, num_real, sources, const_vectors = inputs
+    ctx.save_for_backward(x, ids, weights, sources, const_vectors)
+    ctx.num_real = num_real
+
+
+def _add_virtual_backward(ctx, grad):
+    x, ids, weights, sources, const_vectors = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad = grad.contiguous()
+    grad_x = grad_w = grad_const = None
+    if need[1] or need[3]:
+        grad_x, grad_w = _ops.add_virtual_backward.default(
+            grad, x, ids, weights, ctx.num_real, sources, const_vectors)
+    if need[6] and const_vectors.shape[0] > 0:
+        # d const_vectors[c] = sum over tokens of (their weight on c) * grad[t]: one product
+        C = const_vectors.shape[0]
+        codes = _reference.virtual_codes(ids, ctx.num_real, sources, C)
+        wc = _reference.virtual_const_weights(codes, weights.to(_weight_dtype(grad.dtype)), C)
+        grad_const = wc.t().to(grad.dtype) @ grad
+    elif need[6]:
+        grad_const = torch.zeros_like(const_vectors)
+    return (grad if need[0] else None, grad_x if need[1] else None, None,
+            grad_w if need[3] else None, None, None, grad_const)
+
+
+torch.library.register_autograd("anyexperts::add_virtual", _add_virtual_backward,
+                                setup_context=_add_virtual_setup)

@@ -188,3 +188,53 @@ def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor, *
         rows = torch.where(live.unsqueeze(1), y[r.clamp(0, R - 1)].to(acc), 0.0)
         out = out + w * rows
     return _connected(out, y, weights).to(y.dtype)
+
+
+VIRTUAL_ZERO, VIRTUAL_COPY = -1, -2  # codes of add_virtual's sources (const rows are >= 0)
+
+
+def virtual_codes(ids: torch.Tensor, num_real: int, sources: torch.Tensor,
+                  num_const: int) -> torch.Tensor:
+    """[T, K] int64: what each slot adds (rules.h virtual_source). Ids outside
+    [num_real, num_real + M) and codes that are neither VIRTUAL_COPY nor a row of the
+    const vectors give VIRTUAL_ZERO."""
+    M = sources.shape[0]
+    m = ids.long() - num_real
+    inside = (m >= 0) & (m < M)
+    code = sources.long()[m.clamp(0, M - 1)] if M > 0 else torch.full_like(m, VIRTUAL_ZERO)
+    code = torch.where(inside, code, VIRTUAL_ZERO)
+    known = (code == VIRTUAL_COPY) | ((code >= 0) & (code < num_const))
+    return torch.where(known, code, VIRTUAL_ZERO)
+
+
+def virtual_const_weights(codes: torch.Tensor, weights: torch.Tensor,
+                          num_const: int) -> torch.Tensor:
+    """[T, C]: the sum of each token's slot weights per const vector."""
+    T = codes.shape[0]
+    is_const = codes >= 0
+    col = torch.where(is_const, codes, num_const)  # column C: a dump for the others
+    w = torch.where(is_const, weights, 0.0)
+    return w.new_zeros((T, num_const + 1)).scatter_add(1, col, w)[:, :num_const]
+
+
+def add_virtual(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                num_real: int, sources: torch.Tensor,
+                const_vectors: torch.Tensor) -> torch.Tensor:
+    """out[t] + sum over j ascending of weights[t,j] * (x[t] for a copy source,
+    const_vectors[c] for const source c, nothing otherwise); sources[m] is virtual expert
+    m's code (VIRTUAL_ZERO, VIRTUAL_COPY or a const row). In fp32 (fp64 for fp64), rounded
+    once to out's dtype. A slot without a source takes no part, in the gradient either:
+    both factors are masked, so a NaN behind it (a weight, an unused const row) stays out."""
+    acc = _opmath(out.dtype)
+    C = const_vectors.shape[0]
+    codes = virtual_codes(ids, num_real, sources, C)
+    res = out.to(acc)
+    for j in range(codes.shape[1]):
+        code = codes[:, j]
+        used = (code != VIRTUAL_ZERO).unsqueeze(1)
+        row = x.to(acc)
+        if C > 0:
+            row = torch.where((code >= 0).unsqueeze(1), const_vectors.to(acc)[code.clamp(min=0)], row)
+        w = torch.where(used, weights[:, j:j + 1].to(acc), 0.0)
+        res = res + w * torch.where(used, row, 0.0)
+    return _connected(res, x, weights, const_vectors).to(out.dtype)

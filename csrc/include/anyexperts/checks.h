@@ -196,4 +196,37 @@ inline void check_unpermute_backward(const at::Tensor& grad_out, const at::Tenso
   check_same_device(y, grad_out, op, "y", "grad_out");
 }
 
+// add_virtual(out, x, ids, weights, num_real, sources, const_vectors) and its backward
+// (which passes grad for out): out and x [T, H] of one dtype, ids / weights [T, K],
+// sources [M] int32, const_vectors [C, H] of out's dtype (C may be 0).
+inline void check_add_virtual(const at::Tensor& out, const at::Tensor& x, const at::Tensor& ids,
+                              const at::Tensor& weights, int64_t num_real,
+                              const at::Tensor& sources, const at::Tensor& const_vectors,
+                              const char* op = "add_virtual", const char* out_name = "out") {
+  check_float(out, op, out_name, 2);
+  check_float(x, op, "x", 2);
+  check_int32(ids, op, "ids", 2);
+  check_int32(sources, op, "sources", 1);
+  check_float(const_vectors, op, "const_vectors", 2);
+  TORCH_CHECK(x.sizes() == out.sizes(), op, ": x must have ", out_name, "'s shape ",
+              out.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() &&
+                  const_vectors.scalar_type() == out.scalar_type(),
+              op, ": x and const_vectors must have ", out_name, "'s dtype ", out.scalar_type(),
+              ", got ", x.scalar_type(), " and ", const_vectors.scalar_type());
+  TORCH_CHECK(ids.size(0) == out.size(0), op, ": ids must have one row per token (",
+              out.size(0), "), got ", ids.size(0));
+  TORCH_CHECK(weights.dim() == 2 && weights.sizes() == ids.sizes(), op,
+              ": weights must have the shape of ids ", ids.sizes(), ", got ", weights.sizes());
+  check_weights_dtype(weights, out.scalar_type(), op);
+  TORCH_CHECK(const_vectors.size(1) == out.size(1), op, ": const_vectors must be [C, ",
+              out.size(1), "], got ", const_vectors.sizes());
+  TORCH_CHECK(num_real >= 0 && num_real <= kInt32Max, op,
+              ": num_real must be in [0, 2^31 - 1] (ids are int32), got ", num_real);
+  for (const auto* t : {&x, &ids, &weights, &sources, &const_vectors}) {
+    TORCH_CHECK(t->device() == out.device(), op, ": every input must be on ", out_name, "'s device ",
+                out.device(), ", got ", t->device());
+  }
+}
+
 }  // namespace anyexperts

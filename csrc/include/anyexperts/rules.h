@@ -151,4 +151,23 @@ AE_HOST_DEVICE SwigluGrad<Acc> swiglu_grad(Acc dh, Acc gate, Acc up) {
 
 AE_HOST_DEVICE bool is_live_row(int32_t row, int64_t rows) { return row >= 0 && row < rows; }
 
+// ---- add_virtual ----------------------------------------------------------------------
+
+// sources[m] says what virtual expert m (id num_real + m) adds to its token: a row of
+// const_vectors (code >= 0), the token's own x (kVirtualCopy) or nothing (kVirtualZero).
+constexpr int32_t kVirtualZero = -1;
+constexpr int32_t kVirtualCopy = -2;
+
+// The source of a slot. Ids and codes come from the device and are never trusted: an id
+// outside [num_real, num_real + num_virtual) (a real expert, -1 for an empty slot, garbage)
+// and a code that is neither kVirtualCopy nor a row of const_vectors add nothing.
+AE_HOST_DEVICE int32_t virtual_source(int32_t id, int64_t num_real, const int32_t* sources,
+                                      int64_t num_virtual, int64_t num_const) {
+  const int64_t m = static_cast<int64_t>(id) - num_real;
+  if (m < 0 || m >= num_virtual) return kVirtualZero;
+  const int32_t code = sources[m];
+  if (code == kVirtualCopy || (code >= 0 && code < num_const)) return code;
+  return kVirtualZero;
+}
+
 }  // namespace anyexperts
