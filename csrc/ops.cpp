@@ -32,6 +32,8 @@ TORCH_LIBRARY(anyexperts, m) {
   m.def(
       "swiglu_backward(Tensor grad_h, Tensor gu, Tensor offsets, *, bool zero_tail=True) -> "
       "Tensor");
+  m.def("hsm(Tensor x, Tensor a) -> Tensor");
+  m.def("hsm_backward(Tensor grad, Tensor x, Tensor a) -> (Tensor grad_x, Tensor grad_a)");
   m.def(
       "unpermute(Tensor y, Tensor slot_rows, Tensor weights, *, bool zero_unreferenced=True) "
       "-> Tensor");

@@ -79,7 +79,21 @@ def swiglu_bwd(g=None, gu=None, off=None):
     return lambda: ops.swiglu_backward(g, gu, off)
 
 
+def hsm(x=None, a=None):
+    x = z(4, 6) if x is None else x
+    a = z(4) if a is None else a
+    return lambda: ops.hsm(x, a)
+
+
+def hsm_bwd(g=None, x=None, a=None):
+    g = z(4, 6) if g is None else g
+    x = z(4, 6) if x is None else x
+    a = z(4) if a is None else a
+    return lambda: ops.hsm_backward(g, x, a)
+
+
 FLOATS = "must be float16, bfloat16, float32 or float64"
+A_DTYPE = "a must be float32 (or float64 with float64 data)"
 NORM_MSG = "norm must be 'none', 'selected' or 'real', got 'softmax'"
 
 CASES = {
@@ -155,6 +169,24 @@ CASES = {
     "swiglub-g-int": (swiglu_bwd(g=z(10, 4, dtype=I32)), f"swiglu_backward: grad_h {FLOATS}"),
     "swiglub-gu-odd": (swiglu_bwd(gu=z(10, 9)), "swiglu_backward: gu must be [R, 2F]"),
     "swiglub-off-dtype": (swiglu_bwd(off=z(3, dtype=I64)), "swiglu_backward: offsets must be int32"),
+    # hsm
+    "hsm-x-dtype": (hsm(x=z(4, 6, dtype=I32)), f"hsm: x {FLOATS}"),
+    "hsm-x-rank": (hsm(x=z(4, 6, 1)), "hsm: x must be 2-D, got 3-D"),
+    "hsm-a-rank": (hsm(a=z(4, 1)), "hsm: a must be 1-D, got 2-D"),
+    "hsm-a-len": (hsm(a=z(5)), "hsm: a must have one entry per row of x (4), got 5"),
+    "hsm-a-bf16": (hsm(x=z(4, 6, dtype=torch.bfloat16), a=z(4, dtype=torch.bfloat16)),
+                   f"hsm: {A_DTYPE}, got BFloat16"),
+    "hsm-a-fp64-on-fp32": (hsm(a=z(4, dtype=torch.float64)), f"hsm: {A_DTYPE}, got Double"),
+    "hsm-a-int": (hsm(a=z(4, dtype=I32)), f"hsm: {A_DTYPE}"),
+    # hsm_backward
+    "hsmb-g-shape": (hsm_bwd(g=z(4, 5)),
+                     "hsm_backward: grad must have x's shape [4, 6], got [4, 5]"),
+    "hsmb-g-dtype": (hsm_bwd(g=z(4, 6, dtype=torch.float64)),
+                     "hsm_backward: grad must have x's dtype Float, got Double"),
+    "hsmb-g-int": (hsm_bwd(g=z(4, 6, dtype=I32)), f"hsm_backward: grad {FLOATS}"),
+    "hsmb-x-rank": (hsm_bwd(x=z(24)), "hsm_backward: x must be 2-D, got 1-D"),
+    "hsmb-a-len": (hsm_bwd(a=z(3)), "hsm_backward: a must have one entry per row of x"),
+    "hsmb-a-dtype": (hsm_bwd(a=z(4, dtype=torch.float16)), f"hsm_backward: {A_DTYPE}"),
     # unpermute
     "unperm-y-dtype": (unperm(y=z(12, 6, dtype=I64)), f"unpermute: y {FLOATS}"),
     "unperm-y-rank": (unperm(y=z(12)), "unpermute: y must be 2-D, got 1-D"),
@@ -184,8 +216,8 @@ def test_invalid_input_raises_clear_error(case):
 def test_valid_defaults_do_not_raise():
     """The builders above are valid without their one wrong argument (so each case fails
     for the reason it names)."""
-    for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), unperm(),
-                 unperm_bwd()):
+    for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), hsm(),
+                 hsm_bwd(), unperm(), unperm_bwd()):
         call()
 
 
@@ -194,6 +226,8 @@ def test_errors_through_python_wrappers_and_autograd():
     x = torch.zeros(4, 6, requires_grad=True)
     with pytest.raises(RuntimeError, match=re.escape("permute: ids must be int32")):
         ae.permute(x, torch.zeros(4, 2, dtype=I64), 3, 8)
+    with pytest.raises(RuntimeError, match=re.escape(f"hsm: {A_DTYPE}")):
+        ae.hsm(x, torch.zeros(4, dtype=torch.bfloat16, requires_grad=True))
     with pytest.raises(RuntimeError, match=re.escape(f"segmented_topk: {NORM_MSG}")):
         ae.segmented_topk(torch.zeros(4, 5, requires_grad=True), z(4, dtype=I32),
                           z(4, dtype=I32), 2, 3, "softmax")
@@ -214,6 +248,9 @@ DEVICE_CASES = {
                "swiglu: gu and offsets must be on the same device"),
     "swiglu_backward": (lambda d: swiglu_bwd(g=z(10, 4, device=d)),
                         "swiglu_backward: gu and grad_h must be on the same device"),
+    "hsm": (lambda d: hsm(a=z(4, device=d)), "hsm: x and a must be on the same device"),
+    "hsm_backward": (lambda d: hsm_bwd(g=z(4, 6, device=d)),
+                     "hsm_backward: x and grad must be on the same device"),
     "unpermute": (lambda d: unperm(rows=z(4, 3, dtype=I32, device=d)),
                   "unpermute: y and slot_rows must be on the same device"),
     "add_virtual": (lambda d: lambda: torch.ops.anyexperts.add_virtual(

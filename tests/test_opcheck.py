@@ -71,6 +71,26 @@ def _swiglu_backward_samples():
     yield "strided-gu", (torch.randn(20, 4), torch.randn(8, 20).t(), random_offsets(3, 20))
 
 
+def _hsm_samples():
+    yield "fp32", (torch.randn(10, 6, requires_grad=True), torch.randn(10, requires_grad=True))
+    yield "bf16", (torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True),
+                   torch.randn(8, requires_grad=True))
+    yield "fp64-x-fp32-a", (torch.randn(5, 7, dtype=torch.float64, requires_grad=True),
+                            torch.randn(5, requires_grad=True))
+    yield "strided-x", (torch.randn(9, 11)[:, 1:].requires_grad_(), torch.randn(9))
+    yield "T0", (torch.randn(0, 4), torch.randn(0))
+    yield "H0", (torch.randn(3, 0), torch.randn(3))
+
+
+def _hsm_backward_samples():
+    yield "fp32", (torch.randn(10, 6), torch.randn(10, 6), torch.randn(10))
+    yield "fp16", (torch.randn(4, 24, dtype=torch.float16), torch.randn(4, 24, dtype=torch.float16),
+                   torch.randn(4))
+    yield "fp64-x-fp32-a", (torch.randn(5, 7, dtype=torch.float64),
+                            torch.randn(5, 7, dtype=torch.float64), torch.randn(5))
+    yield "strided", (torch.randn(6, 10).t(), torch.randn(10, 8)[:, 2:], torch.randn(20)[::2])
+
+
 def _unpermute_samples():
     rows = randint(-1, 29, (8, 3))
     yield "fp32", (torch.randn(30, 6, requires_grad=True), rows,
@@ -116,6 +136,8 @@ SAMPLERS = {
     "grouped_mm_wgrad": _wgrad_samples,
     "swiglu": _swiglu_samples,
     "swiglu_backward": _swiglu_backward_samples,
+    "hsm": _hsm_samples,
+    "hsm_backward": _hsm_backward_samples,
     "unpermute": _unpermute_samples,
     "unpermute_backward": _unpermute_backward_samples,
     "add_virtual": _add_virtual_samples,

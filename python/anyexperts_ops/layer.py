@@ -200,28 +200,6 @@ class ImportancePredictor(nn.Module):
         return _acc(self.net(x).squeeze(-1))
 
 
-class _HSM(torch.autograd.Function):
-    """x' = x + x * c, c = alpha * w per token ([T, 1], x's dtype), each way in one pass
-    over [T, H]. Autograd of ``addcmul(x, x, c)`` sees x twice and pays a broadcast product
-    plus a sum of two [T, H] gradients; here dx = g + g * c is one addcmul and dc the row
-    dot product of g and x."""
-
-    @staticmethod
-    def forward(x: Tensor, c: Tensor) -> Tensor:
-        return torch.addcmul(x, x, c)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, c = ctx.saved_tensors
-        dx = torch.addcmul(g, g, c) if ctx.needs_input_grad[0] else None
-        dc = (g * x).sum(dim=-1, keepdim=True) if ctx.needs_input_grad[1] else None
-        return dx, dc
-
-
 def _backend_module(name: str):
     if name == "ops":
         from . import ops
@@ -346,8 +324,8 @@ class AnyExpertsMoE(nn.Module):
             w = torch.sigmoid(score)
         xh = x
         if w is not None and c.hsm_alpha != 0.0:
-            # x + x * (alpha w), the product and sum in fp32 inside addcmul
-            xh = _HSM.apply(x, (c.hsm_alpha * w).to(x.dtype).unsqueeze(-1))
+            # one pass over [T, H] each way; alpha w stays fp32 (fp64), not x's dtype
+            xh = self._B.hsm(x, c.hsm_alpha * w)
         logits = _acc(self.router(xh))
         if M > 0 and w is not None and c.iar_scale != 0.0:
             shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)

@@ -57,6 +57,14 @@ def swiglu(gu: Tensor, offsets: Tensor, *, zero_tail: bool = True) -> Tensor:
     return _ops.swiglu.default(gu, offsets, zero_tail=zero_tail)
 
 
+def hsm(x: Tensor, a: Tensor) -> Tensor:
+    """Hidden-state modulation: out[t] = x[t] + a[t] * x[t] for x [T, H] and per-token
+    coefficients a [T] (the layer's alpha * importance), computed in fp32 (fp64 for fp64)
+    and rounded once to x's dtype. ``a`` is float32, or float64 with float64 x.
+    Differentiable to x and a (``hsm_backward``: one pass over [T, H] for both)."""
+    return _ops.hsm.default(x, a)
+
+
 def unpermute(y: Tensor, slot_rows: Tensor, weights: Tensor, *,
               zero_unreferenced: bool = True) -> Tensor:
     """out[t] = sum_j weights[t,j] * y[slot_rows[t,j]], skipping -1. In backward, the rows
@@ -116,6 +124,16 @@ def _swiglu_fake(gu, offsets, *, zero_tail=True):
 @torch.library.register_fake("anyexperts::swiglu_backward")
 def _swiglu_backward_fake(grad_h, gu, offsets, *, zero_tail=True):
     return gu.new_empty(gu.shape)
+
+
+@torch.library.register_fake("anyexperts::hsm")
+def _hsm_fake(x, a):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("anyexperts::hsm_backward")
+def _hsm_backward_fake(grad, x, a):
+    return x.new_empty(x.shape), a.new_empty(a.shape)
 
 
 @torch.library.register_fake("anyexperts::unpermute")
@@ -220,6 +238,20 @@ def _swiglu_backward(ctx, grad_h):
 
 torch.library.register_autograd("anyexperts::swiglu", _swiglu_backward,
                                 setup_context=_swiglu_setup)
+
+
+def _hsm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _hsm_backward(ctx, grad):
+    x, a = ctx.saved_tensors
+    grad_x, grad_a = _ops.hsm_backward.default(grad, x, a)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_a if ctx.needs_input_grad[1] else None)
+
+
+torch.library.register_autograd("anyexperts::hsm", _hsm_backward, setup_context=_hsm_setup)
 
 
 def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):

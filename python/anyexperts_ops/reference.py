@@ -168,6 +168,14 @@ def swiglu(gu: torch.Tensor, offsets: torch.Tensor, *, zero_tail: bool = True) -
     return _connected(out, gu).to(gu.dtype)
 
 
+def hsm(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """out[t] = x[t] + a[t] * x[t] in fp32 (fp64 for fp64), rounded once to x's dtype;
+    a [T] is float32, or float64 with float64 x."""
+    acc = _opmath(x.dtype)
+    xa = x.to(acc)
+    return (xa + a.to(acc).unsqueeze(1) * xa).to(x.dtype)
+
+
 def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor, *,
               zero_unreferenced: bool = True) -> torch.Tensor:
     """out[t] = sum over j ascending of weights[t,j] * y[slot_rows[t,j]], skipping -1.

@@ -42,10 +42,11 @@ inline at::ScalarType accumulate_dtype(at::ScalarType data) {
   return data == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_weights_dtype(const at::Tensor& w, at::ScalarType data, const char* op) {
+inline void check_weights_dtype(const at::Tensor& w, at::ScalarType data, const char* op,
+                                const char* name = "weights") {
   TORCH_CHECK(w.scalar_type() == at::kFloat ||
                   (w.scalar_type() == at::kDouble && data == at::kDouble),
-              op, ": weights must be float32 (or float64 with float64 data), got ",
+              op, ": ", name, " must be float32 (or float64 with float64 data), got ",
               w.scalar_type());
 }
 
@@ -168,6 +169,27 @@ inline void check_swiglu_backward(const at::Tensor& grad_h, const at::Tensor& gu
   TORCH_CHECK(grad_h.scalar_type() == gu.scalar_type(), op, ": grad_h must have gu's dtype ",
               gu.scalar_type(), ", got ", grad_h.scalar_type());
   check_same_device(gu, grad_h, op, "gu", "grad_h");
+}
+
+// a holds per-token coefficients, kept in the accumulate type like routing weights.
+inline void check_hsm(const at::Tensor& x, const at::Tensor& a, const char* op = "hsm") {
+  check_float(x, op, "x", 2);
+  TORCH_CHECK(a.dim() == 1, op, ": a must be 1-D, got ", a.dim(), "-D");
+  check_weights_dtype(a, x.scalar_type(), op, "a");
+  TORCH_CHECK(a.size(0) == x.size(0), op, ": a must have one entry per row of x (", x.size(0),
+              "), got ", a.size(0));
+  check_same_device(x, a, op, "x", "a");
+}
+
+inline void check_hsm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a) {
+  constexpr const char* op = "hsm_backward";
+  check_hsm(x, a, op);
+  check_float(grad, op, "grad", 2);
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have x's shape ", x.sizes(), ", got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad must have x's dtype ",
+              x.scalar_type(), ", got ", grad.scalar_type());
+  check_same_device(x, grad, op, "x", "grad");
 }
 
 inline void check_unpermute(const at::Tensor& y, const at::Tensor& slot_rows,

@@ -147,6 +147,28 @@ AE_HOST_DEVICE SwigluGrad<Acc> swiglu_grad(Acc dh, Acc gate, Acc up) {
   return {dh * up * (s * (Acc(1) + gate * (Acc(1) - s))), dh * (gate * s)};
 }
 
+// ---- hsm ------------------------------------------------------------------------------
+
+// Hidden-state modulation x' = x + a * x, a = alpha * w for the token's importance w.
+// Written as the paper and reference.hsm write it (not (1 + a) * x), so that on the
+// host the op and the reference round the same two operations.
+template <typename Acc>
+AE_HOST_DEVICE Acc hsm_value(Acc x, Acc a) {
+  return x + a * x;
+}
+
+template <typename Acc>
+struct HsmGrad {
+  Acc x;
+  Acc a;  // this element's term of the row's dot product, grad_a = sum over the row
+};
+
+// Gradients of x' = x + a * x given dx': dx = dx' + a * dx' and da = sum of dx' * x.
+template <typename Acc>
+AE_HOST_DEVICE HsmGrad<Acc> hsm_grad(Acc dout, Acc x, Acc a) {
+  return {dout + a * dout, dout * x};
+}
+
 // ---- unpermute ------------------------------------------------------------------------
 
 AE_HOST_DEVICE bool is_live_row(int32_t row, int64_t rows) { return row >= 0 && row < rows; }
