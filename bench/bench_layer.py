@@ -978,11 +978,14 @@ def environment(device) -> dict:
                 f"anyexperts::{op}", "CUDA"))
         except Exception:  # noqa: BLE001
             kernels[op] = None
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:  # noqa: BLE001
-        commit = None
+    # ANYEXPERTS_COMMIT names the code where .git does not match the files (a copied tree)
+    commit = os.environ.get("ANYEXPERTS_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, timeout=5).stdout.strip()
+        except Exception:  # noqa: BLE001
+            commit = None
     return dict(gpu=gpu, cpu=platform.processor() or platform.machine(),
                 cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                 cuda=torch.version.cuda,

@@ -9,6 +9,7 @@
 # (bench_grouped_mm.py with the CUTLASS 2.x Ampere kernels forced). The sweep alone:
 #   STEPS="build bench" BENCHES=grouped_mm_sweep bash bench/gpu_session.sh
 # CUTLASS headers come from a carried nvidia-cutlass wheel in .whl/ (the machine has no network).
+# Set ANYEXPERTS_COMMIT to the commit the tree holds: a copied tree's .git may be older.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ae-gpu-out}
@@ -32,7 +33,7 @@ export PYTHONPATH=$PWD/python:${PYTHONPATH:-}
 
 if [[ $steps == *test* ]]; then
   t0=$(date +%s)
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests -q -rfEs --timeout=120 -p no:cacheprovider \
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rfEs --timeout=120 -p no:cacheprovider \
     ${TESTS:-tests/test_cuda_routing.py tests/test_cuda_grouped_mm.py tests/test_cuda_swiglu.py tests/test_dead_rows.py tests/test_layer.py} >"$OUT/tests.log" 2>&1
   echo "tests: rc=$? in $(( $(date +%s) - t0 )) s"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
