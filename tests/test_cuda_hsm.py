@@ -8,6 +8,7 @@ import torch
 
 import anyexperts_ops as ae
 from anyexperts_ops import reference as ref
+from conftest import check_vs_fp64
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -15,22 +16,6 @@ pytestmark = [pytest.mark.cuda,
 ops = torch.ops.anyexperts
 DEV = "cuda"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _check(actual, expected64, dtype, what):
-    """fp32/fp64 to 1e-5 relative (of the largest value), bf16/fp16 by relative norm < 1e-2."""
-    actual = actual.cpu()
-    assert actual.shape == expected64.shape, what
-    if actual.numel() == 0:
-        return
-    if dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(actual, expected64.to(dtype), rtol=1e-5,
-                                   atol=1e-5 * max(float(expected64.abs().max()), 1e-30),
-                                   msg=what)
-    else:
-        den = float(expected64.norm())
-        err = float((actual.double() - expected64).norm()) / (den if den > 0 else 1.0)
-        assert err < 1e-2, f"{what}: relative norm error {err:.2e}"
 
 
 def _inputs(gen, T, H, dtype):
@@ -58,15 +43,15 @@ def test_forward_and_backward_match_reference_and_cpu(gen, shape, dtype):
     x64, a64 = x.double().clone().requires_grad_(), a.double().clone().requires_grad_()
     expected = ref.hsm(x64, a64)
     expected.backward(g.double())
-    _check(out, expected.detach(), dtype, "out")
-    _check(grad_x, x64.grad, dtype, "grad_x")
+    check_vs_fp64(out, expected.detach(), dtype, "out")
+    check_vs_fp64(grad_x, x64.grad, dtype, "grad_x")
     # grad_a sums exact products in fp32 (fp64): fp32-close to fp64 for every dtype
-    _check(grad_a, a64.grad, a.dtype, "grad_a")
+    check_vs_fp64(grad_a, a64.grad, a.dtype, "grad_a")
     # CUDA = CPU kernel (the same per-element rule in rules.h; an FMA may move the last bit)
     cpu_x, cpu_a = ops.hsm_backward(g, x, a)
-    _check(out, ops.hsm(x, a).double(), dtype, "out vs CPU")
-    _check(grad_x, cpu_x.double(), dtype, "grad_x vs CPU")
-    _check(grad_a, cpu_a.double(), a.dtype, "grad_a vs CPU")
+    check_vs_fp64(out, ops.hsm(x, a).double(), dtype, "out vs CPU")
+    check_vs_fp64(grad_x, cpu_x.double(), dtype, "grad_x vs CPU")
+    check_vs_fp64(grad_a, cpu_a.double(), a.dtype, "grad_a vs CPU")
 
 
 def test_sliced_input_at_an_odd_offset(gen):
@@ -81,20 +66,20 @@ def test_sliced_input_at_an_odd_offset(gen):
     a64 = a_h.double().requires_grad_()
     expected = ref.hsm(x64, a64)
     expected.backward(g_h[:, 1:].double())
-    _check(ops.hsm(x, a), expected.detach(), torch.bfloat16, "strided out")
+    check_vs_fp64(ops.hsm(x, a), expected.detach(), torch.bfloat16, "strided out")
     grad_x, grad_a = ops.hsm_backward(g, x, a)
-    _check(grad_x, x64.grad, torch.bfloat16, "strided grad_x")
-    _check(grad_a, a64.grad, torch.float32, "strided grad_a")
+    check_vs_fp64(grad_x, x64.grad, torch.bfloat16, "strided grad_x")
+    check_vs_fp64(grad_a, a64.grad, torch.float32, "strided grad_a")
 
     xm = torch.empty(T * H + 1, dtype=torch.bfloat16, device=DEV)[1:].view(T, H)
     gm = torch.empty(T * H + 1, dtype=torch.bfloat16, device=DEV)[1:].view(T, H)
     xm.copy_(x_h[:, 1:])
     gm.copy_(g_h[:, 1:])
     assert xm.is_contiguous() and xm.data_ptr() % 16 != 0
-    _check(ops.hsm(xm, a), expected.detach(), torch.bfloat16, "misaligned out")
+    check_vs_fp64(ops.hsm(xm, a), expected.detach(), torch.bfloat16, "misaligned out")
     grad_x, grad_a = ops.hsm_backward(gm, xm, a)
-    _check(grad_x, x64.grad, torch.bfloat16, "misaligned grad_x")
-    _check(grad_a, a64.grad, torch.float32, "misaligned grad_a")
+    check_vs_fp64(grad_x, x64.grad, torch.bfloat16, "misaligned grad_x")
+    check_vs_fp64(grad_a, a64.grad, torch.float32, "misaligned grad_a")
 
 
 def test_empty_rows_have_zero_grad_a():
@@ -110,9 +95,9 @@ def test_fp32_coefficients_with_fp64_data(gen):
     out = ops.hsm(x.to(DEV), a.to(DEV))
     grad_x, grad_a = ops.hsm_backward(g.to(DEV), x.to(DEV), a.to(DEV))
     assert grad_a.dtype == torch.float32
-    _check(out, ref.hsm(x, a.double()), torch.float64, "fp64 x, fp32 a")
-    _check(grad_x, g + a.double()[:, None] * g, torch.float64, "grad_x")
-    _check(grad_a, (g * x).sum(1), torch.float32, "grad_a")
+    check_vs_fp64(out, ref.hsm(x, a.double()), torch.float64, "fp64 x, fp32 a")
+    check_vs_fp64(grad_x, g + a.double()[:, None] * g, torch.float64, "grad_x")
+    check_vs_fp64(grad_a, (g * x).sum(1), torch.float32, "grad_a")
 
 
 def test_large_rows(gen):

@@ -8,6 +8,7 @@ import torch
 
 import anyexperts_ops as ae
 from anyexperts_ops import reference as ref
+from conftest import check_vs_fp64
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,21 +25,6 @@ def _offsets(gen, G, R):
     ends = torch.sort(torch.randint(0, max(R - R // 5, 0) + 1, (G,), generator=gen)).values
     ends[torch.rand(G, generator=gen) < 0.3] = 0
     return torch.cummax(ends, 0).values.to(torch.int32)
-
-
-def _check(actual, expected64, dtype, what):
-    actual = actual.cpu()
-    assert actual.shape == expected64.shape, what
-    if actual.numel() == 0:
-        return
-    if dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(actual, expected64.to(dtype), rtol=1e-5,
-                                   atol=1e-5 * max(float(expected64.abs().max()), 1e-30),
-                                   msg=what)
-    else:
-        den = float(expected64.norm())
-        err = float((actual.double() - expected64).norm()) / (den if den > 0 else 1.0)
-        assert err < 1e-2, f"{what}: relative norm error {err:.2e}"
 
 
 # (R, F, G): F % 8 == 0 takes the 16-byte path for bf16/fp16, others the scalar one
@@ -63,12 +49,12 @@ def test_forward_and_backward_match_reference(gen, shape, dtype):
     gu64 = gu.double().requires_grad_()
     expected = ref.swiglu(gu64, off)
     expected.backward(torch.nan_to_num(dh.double(), nan=0.0))
-    _check(h[:live], expected[:live].detach(), dtype, "h")
-    _check(d[:live], gu64.grad[:live], dtype, "grad_gu")
+    check_vs_fp64(h[:live], expected[:live].detach(), dtype, "h")
+    check_vs_fp64(d[:live], gu64.grad[:live], dtype, "grad_gu")
     assert torch.equal(h[live:].cpu(), torch.zeros(R - live, F, dtype=dtype))
     assert torch.equal(d[live:].cpu(), torch.zeros(R - live, 2 * F, dtype=dtype))
     # CUDA = CPU kernel (the same per-element rule in rules.h)
-    _check(h[:live], ops.swiglu(gu, off)[:live].double(), dtype, "h vs CPU")
+    check_vs_fp64(h[:live], ops.swiglu(gu, off)[:live].double(), dtype, "h vs CPU")
 
 
 def test_misaligned_rows_take_the_scalar_path(gen):
@@ -87,8 +73,8 @@ def test_misaligned_rows_take_the_scalar_path(gen):
     gu64 = gu_h.double().requires_grad_()
     expected = ref.swiglu(gu64, off)
     expected.backward(dh_h.double())
-    _check(h, expected.detach(), torch.bfloat16, "misaligned h")
-    _check(d, gu64.grad, torch.bfloat16, "misaligned grad_gu")
+    check_vs_fp64(h, expected.detach(), torch.bfloat16, "misaligned h")
+    check_vs_fp64(d, gu64.grad, torch.bfloat16, "misaligned grad_gu")
 
 
 @pytest.mark.parametrize("offsets,live", [([0, 0], 0), ([7, 3], 7), ([-5, 2], 2),
