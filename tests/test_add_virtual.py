@@ -119,7 +119,9 @@ def test_empty_dims(T, H, K, M, C):
 
 def test_non_contiguous_inputs():
     out, x, ids, w, n, src, cv = virtual_inputs(9, 7, 4, 3)
-    args = (out.t().contiguous().t(), x[:, :], ids.t().contiguous().t(),
+    x_strided = torch.randn(9, 14)[:, ::2].copy_(x)
+    assert not x_strided.is_contiguous()
+    args = (out.t().contiguous().t(), x_strided, ids.t().contiguous().t(),
             w.t().contiguous().t(), n, src, cv.t().contiguous().t())
     assert_exact(ADD(*args), ADD(out, x, ids, w, n, src, cv), "strided")
 

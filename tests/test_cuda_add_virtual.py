@@ -48,11 +48,19 @@ def test_layer_shape_matches_reference(dtype):
 
 
 def test_odd_pointer_offset_takes_the_scalar_path():
-    out, x, ids, w, n, src, cv = _cuda(virtual_inputs(40, 65, 5, 4))
-    x_odd = torch.randn(40, 66, device="cuda")[:, 1:]   # rows not 16-byte aligned
+    """A contiguous x whose base is 4 bytes past a 16-byte boundary: the op must take the
+    one-element path (H = 64 alone would allow 16-byte vectors)."""
+    out, x, ids, w, n, src, cv = _cuda(virtual_inputs(40, 64, 5, 4))
+    x_odd = torch.randn(40 * 64 + 1, device="cuda")[1:].view(40, 64)
+    assert x_odd.is_contiguous() and x_odd.data_ptr() % 16 != 0
     args = (out, x_odd, ids, w, n, src, cv)
     assert_exact(ADD(*args).cpu(), ADD(*[a.cpu() if isinstance(a, torch.Tensor) else a
                                          for a in args]), "out")
+    g = torch.randn(40, 64, device="cuda")
+    for got, want, what in zip(BWD(g, *args[1:]),
+                               BWD(g.cpu(), *[a.cpu() if isinstance(a, torch.Tensor) else a
+                                              for a in args[1:]]), ("grad_x", "grad_weights")):
+        assert_close(got.cpu(), want, what, rtol=1e-4)
 
 
 def test_autograd_matches_reference_autograd():
@@ -69,6 +77,8 @@ def test_autograd_matches_reference_autograd():
 
 
 def test_cuda_graph_replay_and_determinism():
+    """Run-to-run bitwise equality, and a captured graph replayed on new inputs (written into
+    the captured tensors) equal to eager on those inputs."""
     args = _cuda(virtual_inputs(500, 128, 8, 6, dtype=torch.bfloat16))
     g = torch.randn(500, 128, dtype=torch.bfloat16, device="cuda")
     eager = (ADD(*args), *BWD(g, *args[1:]))
@@ -84,10 +94,14 @@ def test_cuda_graph_replay_and_determinism():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = (ADD(*args), *BWD(g, *args[1:]))
+    fresh = _cuda(virtual_inputs(500, 128, 8, 6, dtype=torch.bfloat16))
+    for dst, src in zip((*args, g), (*fresh, torch.randn_like(g))):
+        if isinstance(dst, torch.Tensor):
+            dst.copy_(src)
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(captured, eager):
-        assert_exact(a, b, "graph replay")
+    for a, b in zip(captured, (ADD(*args), *BWD(g, *args[1:]))):
+        assert_exact(a, b, "graph replay on new inputs")
 
 
 def test_empty_shapes():

@@ -156,8 +156,8 @@ def test_router_matches_linear(out_features):
 
 
 def test_autocast_bf16_runs_and_keeps_dtype():
-    """Under CPU autocast the layer's output keeps x's dtype (the virtual terms are
-    added in place in out's dtype) and every parameter gets a finite gradient."""
+    """Under CPU autocast the layer's output keeps x's dtype (the expert chain and the
+    virtual terms run in it) and every parameter gets a finite gradient."""
     m = _layer()
     x = torch.randn(30, H, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -118,7 +118,12 @@ def _add_virtual_samples():
     yield "bf16", virtual_inputs(5, 8, 4, 3, dtype=torch.bfloat16)
     out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 2, 4)
     yield "no-const", (out, x, ids, w, n, src, cv[:0])
+    yield "fp16", virtual_inputs(5, 8, 3, 3, dtype=torch.float16)
+    out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 3, 4, dtype=torch.float64)
+    yield "fp64-fp32-weights", _grad_args((out, x, ids, w.float(), n, src, cv), (0, 1, 3, 6))
     yield "T0", virtual_inputs(0, 4, 3, 2)
+    yield "H0", virtual_inputs(4, 0, 3, 2)
+    yield "K0", virtual_inputs(4, 6, 0, 2)
 
 
 def _add_virtual_backward_samples():
@@ -126,6 +131,9 @@ def _add_virtual_backward_samples():
     yield "bf16", virtual_inputs(5, 8, 4, 3, dtype=torch.bfloat16)
     out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 3, 4)
     yield "strided", (out.t().contiguous().t(), x, ids, w, n, src, cv)
+    out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 3, 4, dtype=torch.float64)
+    yield "fp64-fp32-weights", (out, x, ids, w.float(), n, src, cv)
+    yield "T0", virtual_inputs(0, 4, 3, 2)
 
 
 SAMPLERS = {
