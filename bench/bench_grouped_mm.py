@@ -46,6 +46,9 @@ except ImportError:  # run from a source checkout without PYTHONPATH=python
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
     import anyexperts_ops  # noqa: F401
 
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from provenance import code_commit  # noqa: E402
+
 ops = torch.ops.anyexperts
 
 SHAPES = [  # name, E, H, F, T, top_k
@@ -449,7 +452,7 @@ def sweep_markdown(meta, rows, summary) -> str:
 
     lines = [
         f"# Grouped GEMM schedule sweep: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']},"
-        f" {meta['date']}",
+        f" {meta['date']}, commit {meta.get('commit')}",
         "",
         "bf16 grouped_mm (forward: column-major B = nn.Linear weight transposed; dgrad: row-major"
         " B) under each tuning override, against torch._grouped_mm on the same inputs in the same"
@@ -544,7 +547,8 @@ def csv_arg(kind, allowed):
 
 def markdown(meta, rows) -> str:
     lines = [
-        f"# Grouped GEMM: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['date']}",
+        f"# Grouped GEMM: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['date']},"
+        f" commit {meta.get('commit')}",
         "",
         *([f"anyexperts kernels capped at {ENV_BACKEND}={meta['backend_override']}.", ""]
           if meta.get("backend_override") else []),
@@ -624,6 +628,7 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": code_commit(),
         "benchmark": "grouped_mm",
         "dtype": "bfloat16",
         "zipf_s": ZIPF_S,

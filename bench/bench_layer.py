@@ -50,7 +50,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -77,6 +76,7 @@ from anyexperts_ops.stats import slot_counts  # noqa: E402
 if HERE not in sys.path:
     sys.path.append(HERE)  # appended, never first: bench/profile.py must not shadow stdlib
 from baselines import EagerLoopMoE, GroupedMMMoE, Weight0Backend  # noqa: E402
+from provenance import code_commit  # noqa: E402
 
 # ---- shapes ---------------------------------------------------------------------------
 
@@ -978,14 +978,7 @@ def environment(device) -> dict:
                 f"anyexperts::{op}", "CUDA"))
         except Exception:  # noqa: BLE001
             kernels[op] = None
-    # ANYEXPERTS_COMMIT names the code where .git does not match the files (a copied tree)
-    commit = os.environ.get("ANYEXPERTS_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                    capture_output=True, text=True, timeout=5).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit = None
+    commit = code_commit()
     return dict(gpu=gpu, cpu=platform.processor() or platform.machine(),
                 cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                 cuda=torch.version.cuda,

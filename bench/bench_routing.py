@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 import anyexperts_ops  # noqa: E402,F401  (registers torch.ops.anyexperts)
+from provenance import code_commit  # noqa: E402  (bench/ is the script's own folder)
 
 ops = torch.ops.anyexperts
 DTYPE = torch.bfloat16
@@ -115,7 +116,7 @@ def bench_shape(T, H, N, M, k_max, reps, warmup, flush, copy, gen):
 def _markdown(result) -> str:
     head = (f"# Routing kernels: achieved bandwidth vs device copy\n\n"
             f"GPU: {result['gpu']}, torch {result['torch']}, CUDA {result['cuda']}, "
-            f"{result['date']}. {DTYPE}, align {ALIGN}; bytes are each kernel's minimum "
+            f"{result['date']}, commit {result.get('commit')}. {DTYPE}, align {ALIGN}; bytes are each kernel's minimum "
             f"traffic; copy measured in the same run.\n\n"
             "| op | T | H | N | M | k_max | live slots | time (us) | GB/s | copy GB/s | "
             "of copy |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -156,7 +157,7 @@ def main():
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                   cuda=torch.version.cuda,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  rows=rows)
+                  commit=code_commit(), rows=rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

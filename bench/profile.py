@@ -492,7 +492,11 @@ def main(argv=None):
             return 0  # nsys stats printed its own tables
     if res is None:
         res = run_torch_profiler(args)
-    print(f"workload: {res.get('workload')}")
+    if HERE not in sys.path:
+        sys.path.append(HERE)
+    from provenance import code_commit
+    res["commit"] = code_commit()
+    print(f"workload: {res.get('workload')}, commit {res['commit']}")
     print_table(res, res["profiler"])
     if args.json:
         d = os.path.dirname(os.path.abspath(args.json))
