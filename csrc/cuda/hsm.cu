@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
 
 #include "anyexperts/checks.h"
@@ -89,10 +88,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host -----------------------------------------------------------------------------
 
-unsigned blocks_for(int64_t rows) {
-  return static_cast<unsigned>(std::min<int64_t>(cuda::grid_for(rows, kWarpsPerBlock), kMaxBlocks));
-}
-
 at::Tensor hsm_cuda(const at::Tensor& x, const at::Tensor& a) {
   check_hsm(x, a);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -111,9 +106,10 @@ at::Tensor hsm_cuda(const at::Tensor& x, const at::Tensor& a) {
     const int vec = cuda::vec_width<scalar_t>(width, {xc.const_data_ptr(), out.const_data_ptr()});
     cuda::with_vec<scalar_t>(vec, [&](auto kv) {
       constexpr int kVec = decltype(kv)::value;
-      hsm_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), ac.const_data_ptr<acc_t>(),
-          out.mutable_data_ptr<scalar_t>(), rows, width / kVec);
+      hsm_kernel<scalar_t, kVec>
+          <<<cuda::grid_for(rows, kWarpsPerBlock, kMaxBlocks), kThreads, 0, stream>>>(
+              xc.const_data_ptr<scalar_t>(), ac.const_data_ptr<acc_t>(),
+              out.mutable_data_ptr<scalar_t>(), rows, width / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -143,10 +139,11 @@ std::tuple<at::Tensor, at::Tensor> hsm_backward_cuda(const at::Tensor& grad, con
         width, {gc.const_data_ptr(), xc.const_data_ptr(), grad_x.const_data_ptr()});
     cuda::with_vec<scalar_t>(vec, [&](auto kv) {
       constexpr int kVec = decltype(kv)::value;
-      hsm_backward_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
-          gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-          ac.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-          grad_a.mutable_data_ptr<acc_t>(), rows, width / kVec);
+      hsm_backward_kernel<scalar_t, kVec>
+          <<<cuda::grid_for(rows, kWarpsPerBlock, kMaxBlocks), kThreads, 0, stream>>>(
+              gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+              ac.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+              grad_a.mutable_data_ptr<acc_t>(), rows, width / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

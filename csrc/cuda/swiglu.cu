@@ -14,7 +14,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 
 #include "anyexperts/checks.h"
 #include "anyexperts/cuda_utils.cuh"
@@ -119,10 +118,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host -----------------------------------------------------------------------------
 
-unsigned blocks_for(int64_t rows) {
-  return static_cast<unsigned>(std::min<int64_t>(cuda::grid_for(rows, kWarpsPerBlock), kMaxBlocks));
-}
-
 at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets, bool zero_tail) {
   check_swiglu(gu, offsets);
   const c10::cuda::CUDAGuard guard(gu.device());
@@ -140,9 +135,10 @@ at::Tensor swiglu_cuda(const at::Tensor& gu, const at::Tensor& offsets, bool zer
     cuda::with_vec<scalar_t>(vec, [&](auto kv) {
       constexpr int kVec = decltype(kv)::value;
       const int64_t vecs = width / kVec;
-      swiglu_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
-          gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<int32_t>(),
-          h.mutable_data_ptr<scalar_t>(), oc.size(0), rows, vecs, zero_tail);
+      swiglu_kernel<scalar_t, kVec>
+          <<<cuda::grid_for(rows, kWarpsPerBlock, kMaxBlocks), kThreads, 0, stream>>>(
+              gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<int32_t>(),
+              h.mutable_data_ptr<scalar_t>(), oc.size(0), rows, vecs, zero_tail);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -170,10 +166,11 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_h, const at::Tensor& gu,
     cuda::with_vec<scalar_t>(vec, [&](auto kv) {
       constexpr int kVec = decltype(kv)::value;
       const int64_t vecs = width / kVec;
-      swiglu_backward_kernel<scalar_t, kVec><<<blocks_for(rows), kThreads, 0, stream>>>(
-          dc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-          oc.const_data_ptr<int32_t>(), grad_gu.mutable_data_ptr<scalar_t>(), oc.size(0), rows,
-          vecs, zero_tail);
+      swiglu_backward_kernel<scalar_t, kVec>
+          <<<cuda::grid_for(rows, kWarpsPerBlock, kMaxBlocks), kThreads, 0, stream>>>(
+              dc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+              oc.const_data_ptr<int32_t>(), grad_gu.mutable_data_ptr<scalar_t>(), oc.size(0), rows,
+              vecs, zero_tail);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -26,10 +26,9 @@ struct NvtxRange {
 };
 
 // Grid size for a grid-stride loop over n items, `per_block` items per block per pass;
-// capped because the kernels loop over the rest.
-inline unsigned grid_for(int64_t n, int per_block) {
-  constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-  return static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, kMaxBlocks));
+// capped at `max_blocks` because the kernels loop over the rest.
+inline unsigned grid_for(int64_t n, int per_block, int64_t max_blocks = int64_t{1} << 20) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, max_blocks));
 }
 
 // Grid-stride loops with one warp per item (blocks of whole warps): this warp's first item,
