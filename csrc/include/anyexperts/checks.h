@@ -245,10 +245,11 @@ inline void check_add_virtual(const at::Tensor& out, const at::Tensor& x, const 
               out.size(1), "], got ", const_vectors.sizes());
   TORCH_CHECK(num_real >= 0 && num_real <= kInt32Max, op,
               ": num_real must be in [0, 2^31 - 1] (ids are int32), got ", num_real);
-  for (const auto* t : {&x, &ids, &weights, &sources, &const_vectors}) {
-    TORCH_CHECK(t->device() == out.device(), op, ": every input must be on ", out_name, "'s device ",
-                out.device(), ", got ", t->device());
-  }
+  check_same_device(out, x, op, out_name, "x");
+  check_same_device(out, ids, op, out_name, "ids");
+  check_same_device(out, weights, op, out_name, "weights");
+  check_same_device(out, sources, op, out_name, "sources");
+  check_same_device(out, const_vectors, op, out_name, "const_vectors");
 }
 
 }  // namespace anyexperts
