@@ -116,8 +116,8 @@ def bench_shape(T, H, N, M, k_max, reps, warmup, flush, copy, gen):
 def _markdown(result) -> str:
     head = (f"# Routing kernels: achieved bandwidth vs device copy\n\n"
             f"GPU: {result['gpu']}, torch {result['torch']}, CUDA {result['cuda']}, "
-            f"{result['date']}, commit {result.get('commit')}. {DTYPE}, align {ALIGN}; bytes are each kernel's minimum "
-            f"traffic; copy measured in the same run.\n\n"
+            f"{result['date']}, commit {result.get('commit')}. {DTYPE}, align {ALIGN}; bytes "
+            f"are each kernel's minimum traffic; copy measured in the same run.\n\n"
             "| op | T | H | N | M | k_max | live slots | time (us) | GB/s | copy GB/s | "
             "of copy |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['name']} | {r['T']} | {r['H']} | {r['N']} | {r['M']} | {r['k_max']} | "

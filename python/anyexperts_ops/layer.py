@@ -157,8 +157,9 @@ class Router(nn.Linear):
     of 8 elements, sliced back to N+M columns. cuBLAS takes its fast kernels only for
     16-byte aligned rows: at N+M = 132 (128 experts plus 4 virtual) the unpadded product
     ran at half speed on an H100 (0.117 against 0.060 ms forward, 0.25 against 0.12 ms
-    backward: bench/results/profile_e128_anyexperts.txt at commits f2b29bc and c2b9f6a). The padding rows are zeros appended to the weight
-    on the fly (N+M rows of H: a few hundred KB), not parameters."""
+    backward: bench/results/profile_e128_anyexperts.txt at commits f2b29bc and c2b9f6a).
+    The padding rows are zeros appended to the weight on the fly (N+M rows of H: a few
+    hundred KB), not parameters."""
 
     def __init__(self, in_features: int, out_features: int, **kw):
         super().__init__(in_features, out_features, bias=False, **kw)
