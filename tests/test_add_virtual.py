@@ -36,6 +36,8 @@ def test_half_types_round_once(dtype):
 def test_codes_and_ids_it_must_ignore():
     """Only ids num_real + m with a copy code or a const row in range add anything."""
     out, x, ids, w, n, src, cv = virtual_inputs(30, 8, 5, 4)
+    # every case below present whatever the draw: a token without a source, a copy, a const
+    ids[0], ids[1, 0], ids[2, 0] = -1, n + 1, n + 2
     codes = reference.virtual_codes(ids, n, src, cv.shape[0])
     assert (codes == reference.VIRTUAL_COPY).any() and (codes >= 0).any()
     got = ADD(out, x, ids, w, n, src, cv)
