@@ -1,11 +1,15 @@
 """Invalid inputs raise RuntimeError with a message naming the op and the argument
-(the messages of csrc/include/anyexperts/checks.h)."""
+(the messages of csrc/include/anyexperts/checks.h), from the CPU kernels and, message for
+message, from the fake implementations (python/anyexperts_ops/checks.py) that torch.compile
+and meta tensors run instead."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import requires_cuda
 
@@ -206,19 +210,29 @@ CASES = {
 }
 
 
+def _dispatch(to: str):
+    """"kernel": the CPU kernels; "fake": the same calls traced by a FakeTensorMode, which
+    turns the CPU inputs into fake tensors and runs the fake implementations."""
+    return (contextlib.nullcontext() if to == "kernel"
+            else FakeTensorMode(allow_non_fake_inputs=True))
+
+
+@pytest.mark.parametrize("to", ["kernel", "fake"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_invalid_input_raises_clear_error(case):
+def test_invalid_input_raises_clear_error(case, to):
     call, message = CASES[case]
-    with pytest.raises(RuntimeError, match=re.escape(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)), _dispatch(to):
         call()
 
 
-def test_valid_defaults_do_not_raise():
+@pytest.mark.parametrize("to", ["kernel", "fake"])
+def test_valid_defaults_do_not_raise(to):
     """The builders above are valid without their one wrong argument (so each case fails
     for the reason it names)."""
-    for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), hsm(),
-                 hsm_bwd(), unperm(), unperm_bwd()):
-        call()
+    with _dispatch(to):
+        for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), hsm(),
+                     hsm_bwd(), unperm(), unperm_bwd()):
+            call()
 
 
 def test_errors_through_python_wrappers_and_autograd():
@@ -233,7 +247,7 @@ def test_errors_through_python_wrappers_and_autograd():
                           z(4, dtype=I32), 2, 3, "softmax")
 
 
-# ---- device mismatch: needs a second device -------------------------------------------
+# ---- device mismatch: CPU with a meta tensor (the fakes' checks) or with CUDA -----------
 
 DEVICE_CASES = {
     "segmented_topk": (lambda d: topk(slots=z(4, dtype=I32, device=d)),
@@ -260,9 +274,11 @@ DEVICE_CASES = {
 }
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("op", list(DEVICE_CASES))
-def test_device_mismatch(op):
+def test_device_mismatch(op, device):
+    """A meta tensor among CPU ones dispatches to the fake, which must raise rather than
+    return uninitialised CPU memory; a CUDA one to the CUDA kernel's checks."""
     build, message = DEVICE_CASES[op]
-    with pytest.raises(RuntimeError, match=re.escape(message)):
-        build("cuda")()
+    with pytest.raises(RuntimeError, match=re.escape(message + f", got cpu and {device}")):
+        build(device)()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, registering the ops)
+from . import checks as _checks
 from . import reference as _reference
 
 _ops = torch.ops.anyexperts
@@ -81,12 +82,13 @@ def add_virtual(out: Tensor, x: Tensor, ids: Tensor, weights: Tensor, num_real: 
     return _ops.add_virtual.default(out, x, ids, weights, num_real, sources, const_vectors)
 
 
-# ---- fake implementations: output shapes and dtypes only -------------------------------
+# ---- fake implementations: the kernels' input checks, then output shapes and dtypes ----
 # Every kernel returns contiguous tensors, so the fakes do too (new_empty, not empty_like,
 # which would copy a non-contiguous input's strides).
 
 @torch.library.register_fake("anyexperts::segmented_topk")
 def _segmented_topk_fake(logits, slots, max_virtual, k_max, num_real, norm):
+    _checks.segmented_topk(logits, slots, max_virtual, k_max, num_real, norm)
     T = logits.shape[0]
     return (logits.new_empty((T, k_max), dtype=torch.int32),
             logits.new_empty((T, k_max), dtype=_weight_dtype(logits.dtype)))
@@ -94,11 +96,13 @@ def _segmented_topk_fake(logits, slots, max_virtual, k_max, num_real, norm):
 
 @torch.library.register_fake("anyexperts::segmented_topk_backward")
 def _segmented_topk_backward_fake(grad_weights, logits, ids, num_real, norm):
+    _checks.segmented_topk_backward(grad_weights, logits, ids, num_real, norm)
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("anyexperts::permute")
 def _permute_fake(x, ids, num_real, align, *, zero_tail=True):
+    _checks.permute(x, ids, num_real, align)
     T, K = ids.shape
     R = T * K + num_real * (align - 1)
     return (x.new_empty((R, x.shape[1])),
@@ -108,56 +112,69 @@ def _permute_fake(x, ids, num_real, align, *, zero_tail=True):
 
 @torch.library.register_fake("anyexperts::grouped_mm")
 def _grouped_mm_fake(a, b, offsets, *, zero_tail=True):
+    _checks.grouped_mm(a, b, offsets)
     return a.new_empty((a.shape[0], b.shape[2]))
 
 
 @torch.library.register_fake("anyexperts::grouped_mm_wgrad")
 def _grouped_mm_wgrad_fake(a, dout, offsets):
+    _checks.grouped_mm_wgrad(a, dout, offsets)
     return a.new_empty((offsets.shape[0], a.shape[1], dout.shape[1]))
 
 
 @torch.library.register_fake("anyexperts::swiglu")
 def _swiglu_fake(gu, offsets, *, zero_tail=True):
+    _checks.swiglu(gu, offsets)
     return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
 
 
 @torch.library.register_fake("anyexperts::swiglu_backward")
 def _swiglu_backward_fake(grad_h, gu, offsets, *, zero_tail=True):
+    _checks.swiglu_backward(grad_h, gu, offsets)
     return gu.new_empty(gu.shape)
 
 
 @torch.library.register_fake("anyexperts::hsm")
 def _hsm_fake(x, a):
+    _checks.hsm(x, a)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("anyexperts::hsm_backward")
 def _hsm_backward_fake(grad, x, a):
+    _checks.hsm_backward(grad, x, a)
     return x.new_empty(x.shape), a.new_empty(a.shape)
 
 
 @torch.library.register_fake("anyexperts::unpermute")
 def _unpermute_fake(y, slot_rows, weights, *, zero_unreferenced=True):
+    _checks.unpermute(y, slot_rows, weights)
     return y.new_empty((slot_rows.shape[0], y.shape[1]))
 
 
 @torch.library.register_fake("anyexperts::unpermute_backward")
 def _unpermute_backward_fake(grad_out, y, slot_rows, weights, *, zero_unreferenced=True):
+    _checks.unpermute_backward(grad_out, y, slot_rows, weights)
     return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
 
 @torch.library.register_fake("anyexperts::add_virtual")
 def _add_virtual_fake(out, x, ids, weights, num_real, sources, const_vectors):
+    _checks.add_virtual(out, x, ids, weights, num_real, sources, const_vectors)
     return out.new_empty(out.shape)
 
 
 @torch.library.register_fake("anyexperts::add_virtual_backward")
 def _add_virtual_backward_fake(grad, x, ids, weights, num_real, sources, const_vectors):
+    _checks.add_virtual_backward(grad, x, ids, weights, num_real, sources, const_vectors)
     return grad.new_empty(grad.shape), weights.new_empty(ids.shape,
                                                          dtype=_weight_dtype(grad.dtype))
 
 
 # ---- autograd -------------------------------------------------------------------------
+# grouped_mm's backward is made of grouped_mm and grouped_mm_wgrad and permute's of
+# unpermute, all differentiable, so those two differentiate twice. The other backward ops
+# have no derivative of their own: see _no_double_backward at the end.
 
 def _segmented_topk_setup(ctx, inputs, output):
     logits, _slots, _max_virtual, _k_max, num_real, norm = inputs
@@ -220,6 +237,23 @@ def _grouped_mm_backward(ctx, grad_out):
 
 torch.library.register_autograd("anyexperts::grouped_mm", _grouped_mm_backward,
                                 setup_context=_grouped_mm_setup)
+
+
+def _grouped_mm_wgrad_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_wgrad_backward(ctx, grad_db):
+    # db[g] = a_g^T @ dout_g: d a_g = dout_g @ grad_db[g]^T and d dout_g = a_g @ grad_db[g];
+    # rows past the last group do not reach db, and grouped_mm writes theirs as zero.
+    a, dout, offsets = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (grouped_mm(dout, grad_db.transpose(-2, -1), offsets) if need[0] else None,
+            grouped_mm(a, grad_db, offsets) if need[1] else None, None)
+
+
+torch.library.register_autograd("anyexperts::grouped_mm_wgrad", _grouped_mm_wgrad_backward,
+                                setup_context=_grouped_mm_wgrad_setup)
 
 
 def _swiglu_setup(ctx, inputs, keyword_only_inputs, output):
@@ -300,3 +334,21 @@ def _add_virtual_backward(ctx, grad):
 
 torch.library.register_autograd("anyexperts::add_virtual", _add_virtual_backward,
                                 setup_context=_add_virtual_setup)
+
+
+def _no_double_backward(backward_op: str):
+    """An autograd formula for a backward op that raises: without one, differentiating a
+    gradient through the op would treat its output as a constant (torch only warns), a
+    silently wrong second derivative. Raises only when that derivative is asked for."""
+    forward_op = backward_op.removesuffix("_backward")
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"anyexperts::{backward_op}: double backward through "
+                           f"anyexperts::{forward_op} is not implemented")
+
+    torch.library.register_autograd(f"anyexperts::{backward_op}", backward)
+
+
+for _op in ("segmented_topk_backward", "swiglu_backward", "hsm_backward",
+            "unpermute_backward", "add_virtual_backward"):
+    _no_double_backward(_op)
