@@ -600,7 +600,6 @@ class Suite:
         if not cap:
             raise RuntimeError("layer did not call permute through its backend")
         x_perm, offsets = cap["x_perm"], cap["offsets"]
-        Fd = layer.config.ffn_size
         wgu = layer.w_gate_up.transpose(1, 2)
         wd = layer.w_down.transpose(1, 2)
         gemm_rows = int(offsets[-1]) if offsets.numel() else 0
@@ -1030,7 +1029,7 @@ def _fmt(v, spec="{:.3g}", none="-"):
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# AnyExperts layer benchmark",
+    lines = ["# AnyExperts layer benchmark",
              "",
              f"GPU: {doc.get('gpu') or 'none (CPU: ' + str(doc.get('cpu')) + ')'}; "
              f"torch {doc.get('torch')}, CUDA {doc.get('cuda')}; {doc.get('date')}; "

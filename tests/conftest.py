@@ -300,23 +300,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "",
         raise AssertionError(f"{what}: {e}{_seed_tag()}") from None
 
 
-def check_vs_fp64(actual: torch.Tensor, expected64: torch.Tensor, dtype, what: str = ""):
-    """A kernel's output against an fp64 reference, by DESIGN.md's rule: fp32/fp64 to 1e-5
-    relative (of the largest value), bf16/fp16 by relative norm error < 1e-2."""
-    actual = actual.cpu()
-    assert actual.shape == expected64.shape, what
-    if actual.numel() == 0:
-        return
-    if dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(actual, expected64.to(dtype), rtol=1e-5,
-                                   atol=1e-5 * max(float(expected64.abs().max()), 1e-30),
-                                   msg=what)
-    else:
-        den = float(expected64.norm())
-        err = float((actual.double() - expected64).norm()) / (den if den > 0 else 1.0)
-        assert err < 1e-2, f"{what}: relative norm error {err:.2e}"
-
-
 def rel_norm(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
     den = float(torch.linalg.vector_norm(b))

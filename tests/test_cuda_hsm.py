@@ -8,7 +8,7 @@ import torch
 
 import anyexperts_ops as ae
 from anyexperts_ops import reference as ref
-from conftest import check_vs_fp64
+from conftest import check_float
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -43,15 +43,15 @@ def test_forward_and_backward_match_reference_and_cpu(gen, shape, dtype):
     x64, a64 = x.double().clone().requires_grad_(), a.double().clone().requires_grad_()
     expected = ref.hsm(x64, a64)
     expected.backward(g.double())
-    check_vs_fp64(out, expected.detach(), dtype, "out")
-    check_vs_fp64(grad_x, x64.grad, dtype, "grad_x")
+    check_float(out, expected.detach(), dtype, "out")
+    check_float(grad_x, x64.grad, dtype, "grad_x")
     # grad_a sums exact products in fp32 (fp64): fp32-close to fp64 for every dtype
-    check_vs_fp64(grad_a, a64.grad, a.dtype, "grad_a")
+    check_float(grad_a, a64.grad, a.dtype, "grad_a")
     # CUDA = CPU kernel (the same per-element rule in rules.h; an FMA may move the last bit)
     cpu_x, cpu_a = ops.hsm_backward(g, x, a)
-    check_vs_fp64(out, ops.hsm(x, a).double(), dtype, "out vs CPU")
-    check_vs_fp64(grad_x, cpu_x.double(), dtype, "grad_x vs CPU")
-    check_vs_fp64(grad_a, cpu_a.double(), a.dtype, "grad_a vs CPU")
+    check_float(out, ops.hsm(x, a).double(), dtype, "out vs CPU")
+    check_float(grad_x, cpu_x.double(), dtype, "grad_x vs CPU")
+    check_float(grad_a, cpu_a.double(), a.dtype, "grad_a vs CPU")
 
 
 def test_sliced_input_at_an_odd_offset(gen):
@@ -66,20 +66,20 @@ def test_sliced_input_at_an_odd_offset(gen):
     a64 = a_h.double().requires_grad_()
     expected = ref.hsm(x64, a64)
     expected.backward(g_h[:, 1:].double())
-    check_vs_fp64(ops.hsm(x, a), expected.detach(), torch.bfloat16, "strided out")
+    check_float(ops.hsm(x, a), expected.detach(), torch.bfloat16, "strided out")
     grad_x, grad_a = ops.hsm_backward(g, x, a)
-    check_vs_fp64(grad_x, x64.grad, torch.bfloat16, "strided grad_x")
-    check_vs_fp64(grad_a, a64.grad, torch.float32, "strided grad_a")
+    check_float(grad_x, x64.grad, torch.bfloat16, "strided grad_x")
+    check_float(grad_a, a64.grad, torch.float32, "strided grad_a")
 
     xm = torch.empty(T * H + 1, dtype=torch.bfloat16, device=DEV)[1:].view(T, H)
     gm = torch.empty(T * H + 1, dtype=torch.bfloat16, device=DEV)[1:].view(T, H)
     xm.copy_(x_h[:, 1:])
     gm.copy_(g_h[:, 1:])
     assert xm.is_contiguous() and xm.data_ptr() % 16 != 0
-    check_vs_fp64(ops.hsm(xm, a), expected.detach(), torch.bfloat16, "misaligned out")
+    check_float(ops.hsm(xm, a), expected.detach(), torch.bfloat16, "misaligned out")
     grad_x, grad_a = ops.hsm_backward(gm, xm, a)
-    check_vs_fp64(grad_x, x64.grad, torch.bfloat16, "misaligned grad_x")
-    check_vs_fp64(grad_a, a64.grad, torch.float32, "misaligned grad_a")
+    check_float(grad_x, x64.grad, torch.bfloat16, "misaligned grad_x")
+    check_float(grad_a, a64.grad, torch.float32, "misaligned grad_a")
 
 
 def test_empty_rows_have_zero_grad_a():
@@ -95,9 +95,9 @@ def test_fp32_coefficients_with_fp64_data(gen):
     out = ops.hsm(x.to(DEV), a.to(DEV))
     grad_x, grad_a = ops.hsm_backward(g.to(DEV), x.to(DEV), a.to(DEV))
     assert grad_a.dtype == torch.float32
-    check_vs_fp64(out, ref.hsm(x, a.double()), torch.float64, "fp64 x, fp32 a")
-    check_vs_fp64(grad_x, g + a.double()[:, None] * g, torch.float64, "grad_x")
-    check_vs_fp64(grad_a, (g * x).sum(1), torch.float32, "grad_a")
+    check_float(out, ref.hsm(x, a.double()), torch.float64, "fp64 x, fp32 a")
+    check_float(grad_x, g + a.double()[:, None] * g, torch.float64, "grad_x")
+    check_float(grad_a, (g * x).sum(1), torch.float32, "grad_a")
 
 
 def test_large_rows(gen):

@@ -8,7 +8,7 @@ import torch
 
 import anyexperts_ops as ae
 from anyexperts_ops import reference as ref
-from conftest import check_vs_fp64
+from conftest import check_float
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -49,12 +49,12 @@ def test_forward_and_backward_match_reference(gen, shape, dtype):
     gu64 = gu.double().requires_grad_()
     expected = ref.swiglu(gu64, off)
     expected.backward(torch.nan_to_num(dh.double(), nan=0.0))
-    check_vs_fp64(h[:live], expected[:live].detach(), dtype, "h")
-    check_vs_fp64(d[:live], gu64.grad[:live], dtype, "grad_gu")
+    check_float(h[:live], expected[:live].detach(), dtype, "h")
+    check_float(d[:live], gu64.grad[:live], dtype, "grad_gu")
     assert torch.equal(h[live:].cpu(), torch.zeros(R - live, F, dtype=dtype))
     assert torch.equal(d[live:].cpu(), torch.zeros(R - live, 2 * F, dtype=dtype))
     # CUDA = CPU kernel (the same per-element rule in rules.h)
-    check_vs_fp64(h[:live], ops.swiglu(gu, off)[:live].double(), dtype, "h vs CPU")
+    check_float(h[:live], ops.swiglu(gu, off)[:live].double(), dtype, "h vs CPU")
 
 
 def test_misaligned_rows_take_the_scalar_path(gen):
@@ -73,8 +73,8 @@ def test_misaligned_rows_take_the_scalar_path(gen):
     gu64 = gu_h.double().requires_grad_()
     expected = ref.swiglu(gu64, off)
     expected.backward(dh_h.double())
-    check_vs_fp64(h, expected.detach(), torch.bfloat16, "misaligned h")
-    check_vs_fp64(d, gu64.grad, torch.bfloat16, "misaligned grad_gu")
+    check_float(h, expected.detach(), torch.bfloat16, "misaligned h")
+    check_float(d, gu64.grad, torch.bfloat16, "misaligned grad_gu")
 
 
 @pytest.mark.parametrize("offsets,live", [([0, 0], 0), ([7, 3], 7), ([-5, 2], 2),

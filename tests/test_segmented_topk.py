@@ -1,8 +1,6 @@
 """segmented_topk on CPU vs DESIGN.md section 3 and reference.py."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

@@ -6,7 +6,7 @@ import torch
 
 from anyexperts_ops import reference as ref
 from conftest import (FLOAT_DTYPES, assert_close, assert_exact, check_float,
-                      poison_allocator, random_ids)
+                      poison_allocator)
 
 ops = torch.ops.anyexperts
 NAN = float("nan")

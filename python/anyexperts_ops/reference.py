@@ -148,7 +148,6 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
 def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """db[g] = a[rows of g]^T @ dout[rows of g]; zero for empty groups."""
     acc = _opmath(a.dtype)
-    G = offsets.shape[0]
     parts = []
     for s, e in group_spans(offsets, a.shape[0]):
         parts.append(a[s:e].to(acc).T @ dout[s:e].to(acc))
