@@ -52,17 +52,47 @@ def _layer(**kw) -> AnyExpertsMoE:
 
 
 def _fwd_bwd(m: AnyExpertsMoE, x: torch.Tensor, modality=None):
+    """(out, aux, grad x, parameter grads, the importance score's grad per token, or None
+    for a layer without an importance predictor)."""
     x = x.detach().clone().requires_grad_(True)
-    out, aux = m(x, modality)
+    scores = [None]
+
+    def keep(_module, _inputs, score):
+        score.retain_grad()
+        scores[0] = score
+
+    hook = m.importance.net.register_forward_hook(keep) if m.importance is not None else None
+    try:
+        out, aux = m(x, modality)
+    finally:
+        if hook is not None:
+            hook.remove()
     target = torch.sin(torch.arange(out.numel(), dtype=out.dtype, device=out.device))
     ((out * target.view_as(out)).sum() + aux.loss).backward()
     grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-    return out.detach(), aux, x.grad.detach(), grads
+    score_grad = scores[0].grad.detach() if scores[0] is not None else None
+    return out.detach(), aux, x.grad.detach(), grads, score_grad
 
 
-def _close(a, b, what, rtol=1e-5):
+def _param_grads_close(g1, g2, score_grad, what, rtol=1e-4):
+    """Parameter gradients sum over every token and slot, so they get 1e-4 (seen: 3e-5 on
+    the H100 machine's CPU BLAS). The importance net's last bias is a single sum over
+    tokens of the score's gradient, which can cancel to far below its terms: its rounding
+    is measured against the sum of the terms' magnitudes (fp32 has been seen 7e-5 off
+    relative to the sum itself, from either backend)."""
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        scale = float(score_grad.abs().sum()) if n.startswith("importance.net.") and \
+            n.endswith(".bias") and g1[n].numel() == 1 else None
+        _close(g1[n], g2[n], f"{what} {n}", rtol=rtol, scale=scale)
+
+
+def _close(a, b, what, rtol=1e-5, scale=None):
+    """Within rtol, relative to b's largest value (or to `scale`, where given)."""
     a, b = a.detach(), b.detach()
-    scale = max(float(b.abs().max()) if b.numel() else 0.0, 1e-12)
+    if scale is None:
+        scale = float(b.abs().max()) if b.numel() else 0.0
+    scale = max(scale, 1e-12)
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}")
 
 
@@ -82,18 +112,16 @@ def test_ops_matches_reference_fwd_bwd(norm, align):
     r.backend = "reference"
     x = torch.randn(37, H)
     mod = torch.randint(0, 2, (37,))
-    o1, a1, gx1, g1 = _fwd_bwd(m, x, mod)
-    o2, a2, gx2, g2 = _fwd_bwd(r, x, mod)
+    o1, a1, gx1, g1, s1 = _fwd_bwd(m, x, mod)
+    o2, a2, gx2, g2, s2 = _fwd_bwd(r, x, mod)
     assert torch.equal(a1.routing.ids, a2.routing.ids)
     assert torch.equal(a1.routing.offsets, a2.routing.offsets)
     _close(o1, o2, "out")
     _close(a1.loss, a2.loss, "aux loss")
     _close(gx1, gx2, "grad x")
-    assert g1.keys() == g2.keys() and "importance.net.0.weight" in g1
-    # Parameter grads sum over every token and slot: a scalar like a bias grad can end in
-    # cancellation, so they get 1e-4 (seen: 3e-5 on the H100 machine's CPU BLAS).
-    for n in g1:
-        _close(g1[n], g2[n], f"grad {n}", rtol=1e-4)
+    _close(s1, s2, "grad importance score", rtol=1e-4)
+    assert "importance.net.0.weight" in g1
+    _param_grads_close(g1, g2, s2, "grad")
     # the controller moved both budget biases the same way
     torch.testing.assert_close(m.importance_bias, r.importance_bias)
 
@@ -195,7 +223,7 @@ def test_static_topk_matches_plain_moe(backend):
     m = AnyExpertsMoE(presets.static_topk(H, FFN, N, k, backend=backend,
                                           load_balance_coef=0.0))
     x = torch.randn(T, H)
-    o1, aux, gx1, g1 = _fwd_bwd(m, x)
+    o1, aux, gx1, g1, _ = _fwd_bwd(m, x)
     params = [m.router.weight, m.w_gate_up, m.w_down]
     leaves = [p.detach().clone().requires_grad_(True) for p in params]
     xr = x.clone().requires_grad_(True)
@@ -330,7 +358,7 @@ def test_presets_run_fwd_bwd(name):
     m = presets.make_layer(name, H, FFN, 8, **kw)
     T = 33
     x = torch.randn(T, H)
-    out, aux, gx, grads = _fwd_bwd(m, x)
+    out, aux, gx, grads, _ = _fwd_bwd(m, x)
     assert torch.isfinite(out).all() and torch.isfinite(gx).all()
     c = m.config
     ids, slots = aux.routing.ids.long(), aux.routing.slots.long()
@@ -506,13 +534,12 @@ def test_cuda_no_host_sync_and_matches_cpu():
         torch.cuda.set_sync_debug_mode(0)
     # 2) CUDA matches CPU, forward and backward, from the same state
     mc = copy.deepcopy(m).cuda()
-    o_cpu, a_cpu, gx_cpu, g_cpu = _fwd_bwd(m, x, mod)
-    o, a, gx, g = _fwd_bwd(mc, x.cuda(), modc)
+    o_cpu, a_cpu, gx_cpu, g_cpu, s_cpu = _fwd_bwd(m, x, mod)
+    o, a, gx, g, _ = _fwd_bwd(mc, x.cuda(), modc)
     assert torch.equal(a.routing.ids.cpu(), a_cpu.routing.ids)
     _close(o.cpu(), o_cpu, "cuda out", rtol=1e-4)
     _close(gx.cpu(), gx_cpu, "cuda grad x", rtol=1e-4)
-    for n in g_cpu:
-        _close(g[n].cpu(), g_cpu[n], f"cuda grad {n}", rtol=1e-4)
+    _param_grads_close({n: t.cpu() for n, t in g.items()}, g_cpu, s_cpu, "cuda grad")
     torch.testing.assert_close(mc.importance_bias.cpu(), m.importance_bias)
 
 
