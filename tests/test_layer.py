@@ -9,6 +9,7 @@ import copy
 import io
 import math
 import os
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -386,9 +387,92 @@ def test_anyexperts_preset_paper_defaults():
     assert c.rho_max == Fraction(1, 5) and c.target_avg_k == 8.0
     assert c.k_min < 8 < c.k_max and c.num_experts == 64 and c.slot_mode == "importance"
     # the cap is integer-exact where float floor would not be: floor(0.2 * 10) == 2
-    assert (c.rho_num * 10) // c.rho_den == 2
+    assert c.virtual_cap(10) == 2
     assert AnyExpertsConfig(8, 8, 4, k_max=2, rho_max=0.1).rho_max == Fraction(1, 10)
     assert AnyExpertsConfig(8, 8, 4, k_max=2, rho_max="1/4").rho_max == Fraction(1, 4)
+
+
+@pytest.mark.parametrize("rho", [1 / 3, 0.1 + 0.2, 0.123456789, Fraction(2, 7)])
+def test_virtual_cap_exact_for_any_rho(rho):
+    """V = floor(rho * K) exactly for the rho the config holds (a float read through its
+    decimal repr has a numerator of 16+ digits: a product in int32 or int64 would wrap)."""
+    k_max = 24
+    m = AnyExpertsMoE(AnyExpertsConfig(H, FFN, k_max, num_virtual=2, k_min=1, k_max=k_max,
+                                       rho_max=rho))
+    with torch.no_grad():
+        m.importance.net[-1].weight.mul_(8.0)  # K over the whole range
+    rec = m.route(torch.randn(200, H))
+    exact = Fraction(repr(rho)) if isinstance(rho, float) else rho
+    want = torch.tensor([math.floor(exact * int(k)) for k in rec.slots], dtype=torch.int32)
+    assert torch.equal(rec.max_virtual, want)
+    assert len(set(rec.slots.tolist())) > 5 and int(want.max()) > 0
+
+
+def test_nan_token_gets_k_min_slots_and_a_nan_output():
+    m = _layer()
+    x = torch.randn(5, H)
+    x[2] = float("nan")
+    out, aux = m(x)
+    assert int(aux.routing.slots[2]) == m.config.k_min
+    assert int(aux.routing.max_virtual[2]) == m.config.virtual_cap(m.config.k_min)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4]]).all()
+
+
+def test_bad_inputs_fail_before_any_state_changes():
+    m = _layer(target_avg_k=3.0, num_modalities=2).train()
+    for x, msg in [(torch.randn(4, H // 2), r"x must be \[\.\.\., 16\], got \[4, 8\]"),
+                   (torch.randn(4, H, dtype=torch.float64), "x must have the layer's dtype"),
+                   (torch.ones(4, H, dtype=torch.int64), "x must have the layer's dtype")]:
+        with pytest.raises(ValueError, match=msg):
+            m(x)
+    x = torch.randn(4, H)
+    for mod in (torch.zeros(2, dtype=torch.int64), torch.zeros(4), torch.zeros(1, 4).long()):
+        with pytest.raises(ValueError, match="modality must be an integer tensor"):
+            m(x, mod)
+    with pytest.raises(ValueError, match="x must be"):
+        m.route(torch.randn(4, H + 1))
+    assert float(m.importance_bias) == 0.0 and float(m.avg_real_ema) == 0.0
+
+
+def test_modality_out_of_range_counted_nowhere():
+    m = _layer(num_modalities=2)
+    x = torch.randn(6, H)
+    _, aux = m(x, torch.tensor([0, 1, 1, 5, -1, 0]))
+    real = aux.stats.modality_tokens
+    assert real.tolist() == [2.0, 2.0]
+    r = ((aux.routing.ids >= 0) & (aux.routing.ids < m.config.num_experts)).sum(1).float()
+    want = torch.stack([r[[0, 5]].mean(), r[[1, 2]].mean()])
+    torch.testing.assert_close(aux.stats.modality_real, want)
+
+
+def test_empty_batch_leaves_the_controller_alone():
+    m = _layer(target_avg_k=3.0).train()
+    m(torch.randn(0, H))
+    assert float(m.importance_bias) == 0.0 and float(m.avg_real_ema) == 0.0
+
+
+def test_budget_bounds_count_the_virtual_experts():
+    """The fewest real slots per token is K_min less its cap, but no more virtual slots than
+    M exist: with M = 0 nothing is below K_min, in the config and in set_budget."""
+    with pytest.raises(ValueError, match="reachable"):
+        AnyExpertsConfig(H, FFN, 8, num_virtual=0, k_min=5, k_max=8, rho_max=Fraction(1, 5),
+                         target_avg_k=4.0)
+    c = AnyExpertsConfig(H, FFN, 8, num_virtual=1, k_min=5, k_max=8, rho_max=1,
+                         target_avg_k=4.0)
+    assert c.min_avg_real() == 4
+    m = AnyExpertsMoE(AnyExpertsConfig(H, FFN, 8, k_min=5, k_max=8, rho_max=Fraction(1, 5)))
+    with pytest.raises(ValueError, match="reachable"):
+        m.set_budget(4.0)
+
+
+def test_calibrating_to_a_reachable_end_does_not_warn():
+    """Without virtual experts every token takes K_max real slots at the top of the bias
+    range: asking for K_max is met exactly, with no warning."""
+    m = AnyExpertsMoE(AnyExpertsConfig(H, FFN, 8, k_min=2, k_max=6)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert m.set_budget(6.0, torch.randn(50, H)) == 6.0
+        assert m.set_budget(2.0, torch.randn(50, H)) == 2.0
 
 
 @pytest.mark.parametrize("bad", [

@@ -6,7 +6,7 @@ Data flow for T tokens (hidden H, FFN width F, N real + M virtual experts)::
     x' = x + alpha * w * x                                  (HSM)
     logits = router(x'); logits[:, N:] += iar * (1 - 2w)    (IAR)
     K_i = clamp(round(K_min + sigmoid(s + b) * (K_max - K_min)))   (b: budget bias buffer)
-    V_i = (rho_num * K_i) // rho_den                        (integer-exact virtual cap)
+    V_i = floor(rho_max * K_i)                              (exact: a table over K)
     ids, weights = segmented_topk(logits, K, V, K_max, N, norm)
     x_perm, offsets, slot_rows = permute(x', ids, N, align)
     y = grouped_mm(swiglu([g|u], offsets), W_down^T), [g|u] = grouped_mm(x_perm, W_gate_up^T)
@@ -65,7 +65,8 @@ class AnyExpertsConfig:
       * ``"static"``: K_i = K_max for every token (top-K; with null experts: AdaMoE).
       * ``"top_p"``: K_i = the fewest candidates whose probability reaches ``top_p``,
         clamped to [K_min, K_max].
-    Virtual cap: V_i = floor(rho_max * K_i), computed as (rho_num * K_i) // rho_den.
+    Virtual cap: V_i = floor(rho_max * K_i), exact: a table of floor(rho_num * K //
+    rho_den) over K in [0, K_max] in Python integers, which do not overflow for any rho.
     """
     hidden_size: int
     ffn_size: int
@@ -112,6 +113,15 @@ class AnyExpertsConfig:
     def rho_den(self) -> int:
         return self.rho_max.denominator
 
+    def virtual_cap(self, k: int) -> int:
+        """floor(rho_max * k), exactly."""
+        return (self.rho_num * k) // self.rho_den
+
+    def min_avg_real(self) -> int:
+        """The fewest real slots a token can have: K_min less its virtual cap, at most M
+        (K - min(V(K), M) never decreases with K, since V grows by at most 1 per slot)."""
+        return self.k_min - min(self.virtual_cap(self.k_min), self.num_virtual)
+
     def validate(self) -> None:
         def need(cond, msg):
             if not cond:
@@ -142,7 +152,7 @@ class AnyExpertsConfig:
         if self.target_avg_k is not None:
             need(self.slot_mode == "importance",
                  'target_avg_k (budget control) needs slot_mode "importance"')
-            lo = self.k_min - (self.rho_num * self.k_min) // self.rho_den
+            lo = self.min_avg_real()
             need(lo <= self.target_avg_k <= self.k_max,
                  f"target_avg_k must be reachable: within [{lo}, {self.k_max}]")
 
@@ -220,8 +230,9 @@ class AnyExpertsMoE(nn.Module):
     :meth:`calibrate_budget`), ``budget_target`` (target Avg-K; 0 = off),
     ``avg_real_ema`` (running mean real slots per token, training only).
 
-    ``forward(x, modality=None)``: x [..., H]; modality (optional) int [...] with values in
-    [0, config.num_modalities) for per-modality statistics.
+    ``forward(x, modality=None)``: x [..., H] in the layer's dtype; modality (optional) int
+    with x's leading shape, values in [0, config.num_modalities), for per-modality
+    statistics (a token with a value outside that range is counted in no modality).
     """
 
     def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None):
@@ -252,6 +263,12 @@ class AnyExpertsMoE(nn.Module):
             codes[m] = row
         self.register_buffer("_virtual_sources", torch.tensor(codes, dtype=torch.int32,
                                                               device=bdev), persistent=False)
+        # V(K) = floor(rho_max * K) for K in [0, K_max], in Python integers: the product
+        # rho_num * K overflows int32 (and int64) for a float rho such as 1/3, read as
+        # 3333333333333333/10^16
+        self.register_buffer("_virtual_caps", torch.tensor(
+            [c.virtual_cap(k) for k in range(c.k_max + 1)], dtype=torch.int32, device=bdev),
+            persistent=False)
         self.backend = c.backend
         self.reset_parameters()
 
@@ -313,7 +330,12 @@ class AnyExpertsMoE(nn.Module):
             return k.clamp(c.k_min, c.k_max).to(torch.int32)
         wb = torch.sigmoid(score.detach() + bias)
         k = torch.round(c.k_min + wb * (c.k_max - c.k_min))
-        return k.clamp(c.k_min, c.k_max).to(torch.int32)
+        # a NaN importance (a NaN token) gets K_min slots; its NaN logits make its output NaN
+        return torch.nan_to_num(k, nan=float(c.k_min)).clamp(c.k_min, c.k_max).to(torch.int32)
+
+    def _caps(self, slots: Tensor) -> Tensor:
+        """V_i = floor(rho_max * K_i), int32, for slots already in [K_min, K_max]."""
+        return self._virtual_caps[slots.long()]
 
     def _route(self, x: Tensor, bias: Optional[Tensor] = None):
         """(x', record, score): the routing of flattened tokens x [T, H]."""
@@ -332,19 +354,31 @@ class AnyExpertsMoE(nn.Module):
             shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)
             logits = torch.cat([logits[:, :N], logits[:, N:] + shift], dim=-1)
         slots = self._slots(score, logits, self.importance_bias if bias is None else bias)
-        max_virtual = torch.div(slots * c.rho_num, c.rho_den, rounding_mode="floor")
-        ids, weights = self._B.segmented_topk(logits, slots, max_virtual.to(torch.int32),
-                                              c.k_max, N, c.norm)
-        rec = RoutingRecord(ids=ids, weights=weights, slots=slots,
-                            max_virtual=max_virtual.to(torch.int32), importance=w,
-                            logits=logits)
+        max_virtual = self._caps(slots)
+        ids, weights = self._B.segmented_topk(logits, slots, max_virtual, c.k_max, N, c.norm)
+        rec = RoutingRecord(ids=ids, weights=weights, slots=slots, max_virtual=max_virtual,
+                            importance=w, logits=logits)
         return xh, rec, score
 
     @torch.no_grad()
     def route(self, x: Tensor) -> RoutingRecord:
         """The routing decision alone (no experts run; no gradient)."""
-        _, rec, _ = self._route(x.reshape(-1, self.config.hidden_size))
+        _, rec, _ = self._route(self._tokens(x))
         return rec
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """x [..., H] as [T, H], after the checks that would otherwise fail deep inside
+        (or, for a wrong width that still divides, not at all)."""
+        c = self.config
+        if x.dim() < 1 or x.shape[-1] != c.hidden_size:
+            raise ValueError(f"AnyExpertsMoE: x must be [..., {c.hidden_size}], got "
+                             f"{list(x.shape)}")
+        dtype = self.router.weight.dtype
+        if not x.is_floating_point() or (x.dtype != dtype and
+                                         not torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"AnyExpertsMoE: x must have the layer's dtype {dtype} (or run "
+                             f"under autocast), got {x.dtype}")
+        return x.reshape(-1, c.hidden_size)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -383,9 +417,16 @@ class AnyExpertsMoE(nn.Module):
                 ) -> tuple[Tensor, MoEAux]:
         c = self.config
         N = c.num_experts
+        x2 = self._tokens(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, c.hidden_size)
         T = x2.shape[0]
+        if modality is not None and c.compute_stats:
+            if c.num_modalities == 0:
+                raise ValueError("modality given but config.num_modalities is 0")
+            if modality.shape != lead or modality.is_floating_point() or modality.is_complex():
+                raise ValueError(f"AnyExpertsMoE: modality must be an integer tensor of x's "
+                                 f"leading shape {list(lead)}, got {modality.dtype} "
+                                 f"{list(modality.shape)}")
         xh, rec, score = self._route(x2)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
@@ -414,7 +455,8 @@ class AnyExpertsMoE(nn.Module):
             loss = loss + c.budget_loss_coef * bl
 
         # budget controller: integral control of the importance bias, no gradient, no sync
-        if self.training and c.slot_mode == "importance":
+        # (an empty batch has no mean to steer by)
+        if self.training and c.slot_mode == "importance" and T > 0:
             with torch.no_grad():
                 err = (self.budget_target - real_mean) / max(c.k_max - c.k_min, 1)
                 self.importance_bias.add_(on * c.controller_rate * err)
@@ -422,8 +464,6 @@ class AnyExpertsMoE(nn.Module):
 
         stats = None
         if c.compute_stats:
-            if modality is not None and c.num_modalities == 0:
-                raise ValueError("modality given but config.num_modalities is 0")
             stats = routing_stats(
                 rec, N, gemm_rows_capacity=T * c.k_max + N * (c.align - 1),
                 bins=c.importance_bins,
@@ -447,7 +487,7 @@ class AnyExpertsMoE(nn.Module):
         if avg_real is not None:
             if c.slot_mode != "importance":
                 raise ValueError('budget control needs slot_mode "importance"')
-            lo = c.k_min - (c.rho_num * c.k_min) // c.rho_den
+            lo = c.min_avg_real()
             if not lo <= avg_real <= c.k_max:
                 raise ValueError(f"avg_real {avg_real} outside the reachable [{lo}, {c.k_max}]")
         self.budget_target.fill_(float(avg_real or 0.0))
@@ -468,7 +508,7 @@ class AnyExpertsMoE(nn.Module):
         c = self.config
         if c.slot_mode != "importance":
             raise ValueError('calibrate_budget needs slot_mode "importance"')
-        x2 = x.reshape(-1, c.hidden_size)
+        x2 = self._tokens(x)
         T = x2.shape[0]
         if T == 0:
             raise ValueError("calibrate_budget needs at least one token")
@@ -479,8 +519,7 @@ class AnyExpertsMoE(nn.Module):
         def measure(b: float) -> float:
             bias = torch.tensor(b, dtype=torch.float32, device=x2.device)
             slots = self._slots(score, logits, bias)
-            cap = torch.div(slots * c.rho_num, c.rho_den, rounding_mode="floor")
-            ids, _ = self._B.segmented_topk(logits, slots, cap.to(torch.int32), c.k_max,
+            ids, _ = self._B.segmented_topk(logits, slots, self._caps(slots), c.k_max,
                                             c.num_experts, c.norm)
             real, _ = slot_counts(ids, c.num_experts)
             return real.sum().item() / T
@@ -488,9 +527,10 @@ class AnyExpertsMoE(nn.Module):
         lo, hi = -40.0, 40.0
         f_lo, f_hi = measure(lo), measure(hi)
         best_b, best_f = (lo, f_lo) if abs(f_lo - avg_real) < abs(f_hi - avg_real) else (hi, f_hi)
-        if avg_real <= f_lo or avg_real >= f_hi:
-            warnings.warn(f"Avg-K {avg_real} is outside what this batch reaches "
-                          f"([{f_lo:.3f}, {f_hi:.3f}]); using the nearest end")
+        if not f_lo < avg_real < f_hi:
+            if not f_lo <= avg_real <= f_hi:  # an end that hits it exactly is no miss
+                warnings.warn(f"Avg-K {avg_real} is outside what this batch reaches "
+                              f"([{f_lo:.3f}, {f_hi:.3f}]); using the nearest end")
         else:
             for _ in range(max_iter):
                 mid = 0.5 * (lo + hi)

@@ -174,12 +174,17 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
         gemm_rows_capacity=gemm_rows_capacity,
     )
     if modality is not None and num_modalities > 0:
-        m = modality.reshape(-1).long().clamp(0, num_modalities - 1)
-        z = torch.zeros(num_modalities, dtype=f32, device=dev)
-        n = z.scatter_add(0, m, torch.ones(T, dtype=f32, device=dev))
+        # Values outside [0, num_modalities) go to a last bucket that is dropped: checking
+        # them would need a host sync, and clamping would count them in a wrong modality.
+        m = modality.reshape(-1).long()
+        m = torch.where((m >= 0) & (m < num_modalities), m, num_modalities)
+        z = torch.zeros(num_modalities + 1, dtype=f32, device=dev)
+        n = z.scatter_add(0, m, torch.ones(T, dtype=f32, device=dev))[:num_modalities]
         out.modality_tokens = n
-        out.modality_real = z.scatter_add(0, m, real.to(f32)) / n.clamp(min=1.0)
-        out.modality_virtual = z.scatter_add(0, m, virt.to(f32)) / n.clamp(min=1.0)
+        out.modality_real = (z.scatter_add(0, m, real.to(f32))[:num_modalities]
+                             / n.clamp(min=1.0))
+        out.modality_virtual = (z.scatter_add(0, m, virt.to(f32))[:num_modalities]
+                                / n.clamp(min=1.0))
     return out
 
 
