@@ -479,11 +479,29 @@ def test_calibrating_to_a_reachable_end_does_not_warn():
     dict(k_min=3, k_max=2), dict(k_max=9), dict(num_virtual=2, virtual_kinds=("zero",)),
     dict(num_virtual=1, virtual_kinds="nope"), dict(norm="softmax"), dict(align=0),
     dict(backend="triton"), dict(slot_mode="importance", importance=None),
-    dict(rho_max=1.5), dict(target_avg_k=20.0),
+    dict(rho_max=1.5), dict(target_avg_k=20.0), dict(rho_max=float("nan")),
+    dict(rho_max=float("inf")), dict(rho_max="x"), dict(k_min=1.5), dict(k_max=True),
+    dict(hsm_alpha=float("nan")), dict(iar_scale=float("inf")), dict(load_balance_coef=-0.1),
+    dict(z_loss_coef=float("nan")), dict(controller_rate=-1.0),
 ])
 def test_config_validation(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="AnyExpertsConfig: "):
         AnyExpertsConfig(8, 8, 8, **{"k_min": 1, "k_max": 4, **bad})
+
+
+def test_layers_do_not_share_their_config():
+    cfg = presets.anyexperts(H, FFN, 8, k_min=2, k_max=6, target_avg_k=4.0)
+    a, b = AnyExpertsMoE(cfg), AnyExpertsMoE(cfg)
+    a.set_budget(3.0)
+    assert a.config.target_avg_k == 3.0
+    assert b.config.target_avg_k == 4.0 and cfg.target_avg_k == 4.0
+
+
+@pytest.mark.parametrize("num_virtual", [0, 1, 2, 4, 6])
+def test_anyexperts_preset_kinds_follow_num_virtual(num_virtual):
+    c = presets.anyexperts(H, FFN, 8, num_virtual=num_virtual, k_min=2, k_max=6)
+    want = ("zero", "copy", "const", "const", "const", "const")[:num_virtual]
+    assert c.virtual_kinds == want
 
 
 # ---- budget control ---------------------------------------------------------------------

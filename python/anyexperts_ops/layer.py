@@ -19,7 +19,9 @@ The ``"reference"`` backend runs the very same layer on the pure-PyTorch referen
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -98,7 +100,11 @@ class AnyExpertsConfig:
     backend: str = "ops"                     # "ops" (torch.ops.anyexperts) | "reference"
 
     def __post_init__(self):
-        self.rho_max = _to_fraction(self.rho_max)
+        try:
+            self.rho_max = _to_fraction(self.rho_max)
+        except (ValueError, OverflowError, TypeError, ZeroDivisionError) as e:
+            raise ValueError(f"AnyExpertsConfig: rho_max must be a fraction in [0, 1], got "
+                             f"{self.rho_max!r}") from e
         if isinstance(self.virtual_kinds, str):
             self.virtual_kinds = (self.virtual_kinds,) * self.num_virtual
         self.virtual_kinds = tuple(self.virtual_kinds)
@@ -126,6 +132,16 @@ class AnyExpertsConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"AnyExpertsConfig: {msg}")
+        ints = ("hidden_size", "ffn_size", "num_experts", "num_virtual", "k_min", "k_max",
+                "align", "num_modalities", "importance_bins")
+        bad = [n for n in ints if not isinstance(getattr(self, n), numbers.Integral)
+               or isinstance(getattr(self, n), bool)]
+        need(not bad, f"{', '.join(bad)} must be integers")
+        nonneg = ("load_balance_coef", "z_loss_coef", "budget_loss_coef", "controller_rate")
+        bad = [n for n in nonneg if not (math.isfinite(getattr(self, n)) and getattr(self, n) >= 0)]
+        need(not bad, f"{', '.join(bad)} must be finite and >= 0")
+        need(math.isfinite(self.hsm_alpha) and math.isfinite(self.iar_scale),
+             "hsm_alpha and iar_scale must be finite")
         need(self.hidden_size > 0 and self.ffn_size > 0, "hidden_size and ffn_size must be > 0")
         need(self.num_experts >= 1, "num_experts must be >= 1")
         need(self.num_virtual >= 0, "num_virtual must be >= 0")
@@ -238,8 +254,9 @@ class AnyExpertsMoE(nn.Module):
     def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None):
         super().__init__()
         config.validate()
-        self.config = config
-        c = config
+        # a copy: set_budget writes target_avg_k, which must not reach other layers built
+        # from the same config object
+        self.config = c = dataclasses.replace(config)
         fk = {"device": device, "dtype": dtype}
         H, Fd, N, M = c.hidden_size, c.ffn_size, c.num_experts, c.num_virtual
         self.importance = (ImportancePredictor(H, c.importance, c.importance_hidden).to(**fk)

@@ -62,17 +62,20 @@ def null_experts(hidden_size: int, ffn_size: int, num_experts: int, k: int = 4,
 
 def anyexperts(hidden_size: int, ffn_size: int, num_experts: int = 64, *,
                num_virtual: int = 4,
-               virtual_kinds: Sequence[str] = ("zero", "copy", "const", "const"),
+               virtual_kinds: Union[Sequence[str], str, None] = None,
                k_min: int = 4, k_max: int = 12,
                target_avg_k: Union[float, None, str] = "auto", **kw) -> AnyExpertsConfig:
     """AnyExperts (arXiv 2511.18314). Paper: rho_max = 0.2, importance MLP, HSM, IAR,
-    Avg-K 8 (7.2 reduced). Ours: the K range [4, 12] around the target, the virtual kinds,
-    alpha = 0.05 (one of the paper's ablation points), iar_scale = 1, norm "selected",
-    the budget controller on. ``target_avg_k="auto"``: 8.0 when [k_min, k_max] allows it,
-    else (k_min + k_max) / 2; None turns budget control off."""
+    Avg-K 8 (7.2 reduced). Ours: the K range [4, 12] around the target, the virtual kinds
+    (by default one zero, one copy, the rest const: zero, copy, const, const for the
+    default 4), alpha = 0.05 (one of the paper's ablation points), iar_scale = 1, norm
+    "selected", the budget controller on. ``target_avg_k="auto"``: 8.0 when
+    [k_min, k_max] allows it, else (k_min + k_max) / 2; None turns budget control off."""
     if target_avg_k == "auto":
         target_avg_k = 8.0 if k_min <= 8 <= k_max else (k_min + k_max) / 2
-    if isinstance(virtual_kinds, str):
+    if virtual_kinds is None:
+        virtual_kinds = (("zero", "copy") + ("const",) * num_virtual)[:num_virtual]
+    elif isinstance(virtual_kinds, str):
         virtual_kinds = (virtual_kinds,) * num_virtual
     base = dict(num_virtual=num_virtual, virtual_kinds=tuple(virtual_kinds), k_min=k_min,
                 k_max=k_max, rho_max=Fraction(1, 5), slot_mode="importance",
