@@ -176,6 +176,7 @@ CASES = {
     # hsm
     "hsm-x-dtype": (hsm(x=z(4, 6, dtype=I32)), f"hsm: x {FLOATS}"),
     "hsm-x-rank": (hsm(x=z(4, 6, 1)), "hsm: x must be 2-D, got 3-D"),
+    "hsm-x-complex": (hsm(x=z(4, 6, dtype=torch.complex64)), f"hsm: x {FLOATS}, got ComplexFloat"),
     "hsm-a-rank": (hsm(a=z(4, 1)), "hsm: a must be 1-D, got 2-D"),
     "hsm-a-len": (hsm(a=z(5)), "hsm: a must have one entry per row of x (4), got 5"),
     "hsm-a-bf16": (hsm(x=z(4, 6, dtype=torch.bfloat16), a=z(4, dtype=torch.bfloat16)),

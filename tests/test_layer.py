@@ -132,14 +132,14 @@ def test_bf16_layer_close_to_fp32():
     mb = copy.deepcopy(m).to(torch.bfloat16)
     assert mb.w_gate_up.dtype == torch.bfloat16
     assert mb.importance_bias.dtype == torch.float32  # controller state stays fp32
-    x = torch.randn(40, H)
+    x = torch.randn(80, H)
     m.eval(), mb.eval()
     with torch.no_grad():
         o, a = m(x)
         ob, ab = mb(x.bfloat16())
     assert ob.dtype == torch.bfloat16
     same = (ab.routing.ids == a.routing.ids).all(1)  # bf16 may flip near-ties in routing
-    assert same.float().mean() > 0.8
+    assert same.float().mean() >= 0.75  # typically 0.9; 0.8 of 40 tokens failed 1 seed in 2500
     err = (ob.float() - o)[same].norm() / o[same].norm()
     assert err < 2e-2, err
     ob, ab = mb.train()(x.bfloat16())
@@ -328,11 +328,14 @@ def test_routing_invariants(align):
 def test_masked_slots_never_reach_a_gemm():
     """Experts nobody picked may hold NaN weights: nothing changes, nothing turns NaN."""
     m = _layer(num_experts=12, k_min=1, k_max=3)
-    x = torch.randn(8, H)
     with torch.no_grad():
-        out, aux = m(x)
-        used = set(aux.routing.ids[(aux.routing.ids >= 0) & (aux.routing.ids < 12)].tolist())
-        unused = [e for e in range(12) if e not in used]
+        for _ in range(10):  # 1 draw in ~800 uses every expert: draw again
+            x = torch.randn(8, H)
+            out, aux = m(x)
+            ids = aux.routing.ids
+            unused = [e for e in range(12) if e not in set(ids[(ids >= 0) & (ids < 12)].tolist())]
+            if unused:
+                break
         assert unused, "setup: some expert should be unused"
         m.w_gate_up[unused] = float("nan")
         m.w_down[unused] = float("nan")

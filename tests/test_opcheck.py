@@ -252,6 +252,28 @@ def test_aot_autograd_segmented_topk(norm):
     assert res[0][2].abs().sum() > 0
 
 
+def test_compile_with_data_dependent_sizes():
+    """Rows picked by a mask have sizes known only at run time (unbacked): the fakes' shape
+    checks must become runtime asserts, not guards that fail to trace."""
+    import anyexperts_ops as ae
+    m1 = torch.tensor([True, False, True, True])
+    m2 = torch.tensor([True, True, False, True])
+
+    def fn(y, rows, w, out, x, ids, src, cv):
+        a = ae.unpermute(y, rows[m1], w[m2])
+        b = ae.add_virtual(out[m1], x[m2], ids[m1], w[m1], 4, src, cv)
+        return a, b, ae.hsm(x[m1], w[m2][:, 0].contiguous())
+
+    args = (torch.randn(6, 3), randint(0, 6, (4, 2)), torch.rand(4, 2), torch.randn(4, 3),
+            torch.randn(4, 3), randint(0, 6, (4, 2)), torch.tensor([-2, 0], dtype=torch.int32),
+            torch.randn(1, 3))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    for g, e in zip(got, fn(*args)):
+        torch.testing.assert_close(g, e)
+
+
 def test_every_op_is_checked():
     names = {op.split("::")[1] for op in torch._C._dispatch_get_all_op_names()
              if op.startswith("anyexperts::")}

@@ -19,7 +19,10 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _C10_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
               torch.float64: "Double", torch.int8: "Char", torch.uint8: "Byte",
               torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
-              torch.bool: "Bool"}
+              torch.bool: "Bool", torch.complex32: "ComplexHalf",
+              torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+              torch.uint16: "UInt16", torch.uint32: "UInt32", torch.uint64: "UInt64",
+              torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2"}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -28,6 +31,17 @@ def _name(dtype: torch.dtype) -> str:
 
 def _sizes(t: Tensor) -> str:
     return str(list(t.shape))
+
+
+def _same_shape(a: Tensor, b: Tensor):
+    """a.shape == b.shape as one condition: sizes compared one by one and joined with &,
+    so that a data-dependent (unbacked) size becomes a runtime assert, not a failed guard."""
+    if a.dim() != b.dim():
+        return False
+    cond = True
+    for x, y in zip(a.shape, b.shape):
+        cond = (x == y) & cond
+    return cond
 
 
 def _check(cond, op: str, message) -> None:
@@ -85,7 +99,7 @@ def segmented_topk_backward(grad_weights, logits, ids, num_real, norm_name) -> N
     op = "segmented_topk_backward"
     _float(logits, op, "logits", 2)
     _int32(ids, op, "ids", 2)
-    _check(grad_weights.dim() == 2 and grad_weights.shape == ids.shape, op,
+    _check(grad_weights.dim() == 2 and _same_shape(grad_weights, ids), op,
            lambda: f"grad_weights must have the shape of ids {_sizes(ids)}, got "
                    f"{_sizes(grad_weights)}")
     _float(grad_weights, op, "grad_weights", 2)
@@ -179,7 +193,7 @@ def hsm_backward(grad, x, a) -> None:
     op = "hsm_backward"
     hsm(x, a, op)
     _float(grad, op, "grad", 2)
-    _check(grad.shape == x.shape, op,
+    _check(_same_shape(grad, x), op,
            lambda: f"grad must have x's shape {_sizes(x)}, got {_sizes(grad)}")
     _check(grad.dtype == x.dtype, op, lambda: f"grad must have x's dtype {_name(x.dtype)}, "
                                               f"got {_name(grad.dtype)}")
@@ -189,7 +203,7 @@ def hsm_backward(grad, x, a) -> None:
 def unpermute(y, slot_rows, weights, op: str = "unpermute") -> None:
     _float(y, op, "y", 2)
     _int32(slot_rows, op, "slot_rows", 2)
-    _check(weights.dim() == 2 and weights.shape == slot_rows.shape, op,
+    _check(weights.dim() == 2 and _same_shape(weights, slot_rows), op,
            lambda: f"weights must have the shape of slot_rows {_sizes(slot_rows)}, got "
                    f"{_sizes(weights)}")
     _weights_dtype(weights, y.dtype, op)
@@ -216,14 +230,14 @@ def add_virtual(out, x, ids, weights, num_real, sources, const_vectors,
     _int32(ids, op, "ids", 2)
     _int32(sources, op, "sources", 1)
     _float(const_vectors, op, "const_vectors", 2)
-    _check(x.shape == out.shape, op,
+    _check(_same_shape(x, out), op,
            lambda: f"x must have {out_name}'s shape {_sizes(out)}, got {_sizes(x)}")
     _check(x.dtype == out.dtype and const_vectors.dtype == out.dtype, op,
            lambda: f"x and const_vectors must have {out_name}'s dtype {_name(out.dtype)}, got "
                    f"{_name(x.dtype)} and {_name(const_vectors.dtype)}")
     _check(ids.shape[0] == out.shape[0], op,
            lambda: f"ids must have one row per token ({out.shape[0]}), got {ids.shape[0]}")
-    _check(weights.dim() == 2 and weights.shape == ids.shape, op,
+    _check(weights.dim() == 2 and _same_shape(weights, ids), op,
            lambda: f"weights must have the shape of ids {_sizes(ids)}, got {_sizes(weights)}")
     _weights_dtype(weights, out.dtype, op)
     _check(const_vectors.shape[1] == out.shape[1], op,
