@@ -432,9 +432,21 @@ def test_bad_inputs_fail_before_any_state_changes():
     for mod in (torch.zeros(2, dtype=torch.int64), torch.zeros(4), torch.zeros(1, 4).long()):
         with pytest.raises(ValueError, match="modality must be an integer tensor"):
             m(x, mod)
+    with pytest.raises(ValueError, match=r"leading shape \[2, 2\] \(or flattened, \[4\]\)"):
+        m(x.view(2, 2, H), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="x must be"):
         m.route(torch.randn(4, H + 1))
     assert float(m.importance_bias) == 0.0 and float(m.avg_real_ema) == 0.0
+
+
+def test_modality_in_x_leading_shape_or_flattened():
+    m = _layer(num_modalities=2).eval()
+    x = torch.randn(2, 3, H)
+    mod = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    with torch.no_grad():
+        a = m(x, mod)[1].stats.modality_tokens
+        b = m(x, mod.reshape(-1))[1].stats.modality_tokens
+    assert a.tolist() == b.tolist() == [3.0, 3.0]
 
 
 def test_modality_out_of_range_counted_nowhere():

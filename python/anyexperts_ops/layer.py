@@ -247,7 +247,8 @@ class AnyExpertsMoE(nn.Module):
     ``avg_real_ema`` (running mean real slots per token, training only).
 
     ``forward(x, modality=None)``: x [..., H] in the layer's dtype; modality (optional) int
-    with x's leading shape, values in [0, config.num_modalities), for per-modality
+    with x's leading shape (or flattened to [T]), values in [0, config.num_modalities), for
+    per-modality
     statistics (a token with a value outside that range is counted in no modality).
     """
 
@@ -440,10 +441,11 @@ class AnyExpertsMoE(nn.Module):
         if modality is not None and c.compute_stats:
             if c.num_modalities == 0:
                 raise ValueError("modality given but config.num_modalities is 0")
-            if modality.shape != lead or modality.is_floating_point() or modality.is_complex():
+            if (modality.shape not in (lead, (T,)) or modality.is_floating_point()
+                    or modality.is_complex()):
                 raise ValueError(f"AnyExpertsMoE: modality must be an integer tensor of x's "
-                                 f"leading shape {list(lead)}, got {modality.dtype} "
-                                 f"{list(modality.shape)}")
+                                 f"leading shape {list(lead)} (or flattened, [{T}]), got "
+                                 f"{modality.dtype} {list(modality.shape)}")
         xh, rec, score = self._route(x2)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
