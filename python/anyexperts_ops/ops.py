@@ -176,6 +176,11 @@ def _add_virtual_backward_fake(grad, x, ids, weights, num_real, sources, const_v
 # unpermute, all differentiable, so those two differentiate twice. The other backward ops
 # have no derivative of their own: see _no_double_backward at the end.
 
+def _save_inputs(ctx, inputs, output):
+    """setup_context for ops whose backward needs exactly their (tensor) inputs."""
+    ctx.save_for_backward(*inputs)
+
+
 def _segmented_topk_setup(ctx, inputs, output):
     logits, _slots, _max_virtual, _k_max, num_real, norm = inputs
     ctx.save_for_backward(logits, output[0])
@@ -239,10 +244,6 @@ torch.library.register_autograd("anyexperts::grouped_mm", _grouped_mm_backward,
                                 setup_context=_grouped_mm_setup)
 
 
-def _grouped_mm_wgrad_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 def _grouped_mm_wgrad_backward(ctx, grad_db):
     # db[g] = a_g^T @ dout_g: d a_g = dout_g @ grad_db[g]^T and d dout_g = a_g @ grad_db[g];
     # rows past the last group do not reach db, and grouped_mm writes theirs as zero.
@@ -253,7 +254,7 @@ def _grouped_mm_wgrad_backward(ctx, grad_db):
 
 
 torch.library.register_autograd("anyexperts::grouped_mm_wgrad", _grouped_mm_wgrad_backward,
-                                setup_context=_grouped_mm_wgrad_setup)
+                                setup_context=_save_inputs)
 
 
 def _swiglu_setup(ctx, inputs, keyword_only_inputs, output):
@@ -274,10 +275,6 @@ torch.library.register_autograd("anyexperts::swiglu", _swiglu_backward,
                                 setup_context=_swiglu_setup)
 
 
-def _hsm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 def _hsm_backward(ctx, grad):
     x, a = ctx.saved_tensors
     grad_x, grad_a = _ops.hsm_backward.default(grad, x, a)
@@ -285,7 +282,7 @@ def _hsm_backward(ctx, grad):
             grad_a if ctx.needs_input_grad[1] else None)
 
 
-torch.library.register_autograd("anyexperts::hsm", _hsm_backward, setup_context=_hsm_setup)
+torch.library.register_autograd("anyexperts::hsm", _hsm_backward, setup_context=_save_inputs)
 
 
 def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):

@@ -87,14 +87,18 @@ def slot_counts(ids: Tensor, num_real: int) -> tuple[Tensor, Tensor]:
     return real, virt
 
 
+def bucket_sums(index: Tensor, values: Tensor, n: int) -> Tensor:
+    """Sums of values [T] per bucket index in [0, n); other indices are dropped (into a
+    bucket n that is cut off). Static shape and no bincount, so no host sync."""
+    idx = torch.where((index >= 0) & (index < n), index, n)
+    return values.new_zeros(n + 1).scatter_add(0, idx, values)[:n]
+
+
 def expert_counts(ids: Tensor, num_real: int) -> Tensor:
-    """Live real slots per real expert, float32 [N] (static shape, no bincount)."""
+    """Live real slots per real expert, float32 [N]."""
     flat = ids.reshape(-1).long()
-    live = (flat >= 0) & (flat < num_real)
-    idx = torch.where(live, flat, torch.full_like(flat, num_real))
-    counts = torch.zeros(num_real + 1, dtype=torch.float32, device=ids.device)
-    counts = counts.scatter_add(0, idx, live.to(torch.float32))
-    return counts[:num_real]
+    return bucket_sums(flat, torch.ones(flat.shape, dtype=torch.float32, device=ids.device),
+                       num_real)
 
 
 def acc(t: Tensor) -> Tensor:
@@ -174,17 +178,13 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
         gemm_rows_capacity=gemm_rows_capacity,
     )
     if modality is not None and num_modalities > 0:
-        # Values outside [0, num_modalities) go to a last bucket that is dropped: checking
-        # them would need a host sync, and clamping would count them in a wrong modality.
+        # Values outside [0, num_modalities) are counted nowhere: checking them would need
+        # a host sync, and clamping would count them in a wrong modality.
         m = modality.reshape(-1).long()
-        m = torch.where((m >= 0) & (m < num_modalities), m, num_modalities)
-        z = torch.zeros(num_modalities + 1, dtype=f32, device=dev)
-        n = z.scatter_add(0, m, torch.ones(T, dtype=f32, device=dev))[:num_modalities]
+        n = bucket_sums(m, torch.ones(T, dtype=f32, device=dev), num_modalities)
         out.modality_tokens = n
-        out.modality_real = (z.scatter_add(0, m, real.to(f32))[:num_modalities]
-                             / n.clamp(min=1.0))
-        out.modality_virtual = (z.scatter_add(0, m, virt.to(f32))[:num_modalities]
-                                / n.clamp(min=1.0))
+        out.modality_real = bucket_sums(m, real.to(f32), num_modalities) / n.clamp(min=1.0)
+        out.modality_virtual = bucket_sums(m, virt.to(f32), num_modalities) / n.clamp(min=1.0)
     return out
 
 
