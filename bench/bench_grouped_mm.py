@@ -15,8 +15,9 @@ The GEMMs are those of one FFN projection with nn.Linear weights W[E,F,H]:
   dgrad    dx[R,H]   = dy[R,F] @ W[e]     b = W, a row-major B
   wgrad    dW^T[E,H,F] = x_e^T @ dy_e     (variable-K grouped GEMM)
 TFLOP/s = 2 * R * K * N / time; each time is the median of CUDA-event timings after
-warm-up. Rows carry speedup_vs_torch_grouped_mm (torch time / this time) and, for ours,
-fraction_of_dense (our TFLOP/s over the dense GEMM's).
+warm-up, the implementations of a case timed in turns (interleaved_ms). Rows carry
+speedup_vs_torch_grouped_mm (torch time / this time) and, for ours, fraction_of_dense (our
+TFLOP/s over the dense GEMM's).
 
 Writes JSON {"gpu","torch","cuda","date","rows":[...]} to --out and a markdown table beside it.
 
@@ -83,6 +84,7 @@ ENV_RASTER = "ANYEXPERTS_GROUPED_MM_RASTER"
 ENV_SWIZZLE = "ANYEXPERTS_GROUPED_MM_SWIZZLE"
 ENV_LIVE = "ANYEXPERTS_GROUPED_MM_TUNING_LIVE"
 ENV_BACKEND = "ANYEXPERTS_GROUPED_MM_BACKEND"   # e.g. sm80: the Ampere kernels on an H100
+TORCH_LABEL = "torch._grouped_mm"   # the sweep's baseline row
 MISMATCH_TOL = 2e-2   # rel. difference to torch._grouped_mm beyond which a row is an error
 
 
@@ -125,18 +127,39 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
     return sizes
 
 
-def median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
+def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int):
+    """Median CUDA-event time (ms) of each callable in `fns` (name -> fn), timed in turns:
+    each of `rounds` rounds times `iters` calls of every callable, in an order rotated from
+    one round to the next. A GPU's clock follows its power and temperature over a run (the
+    same kernel's time moved by 12% between two runs of this benchmark on an H100), so
+    timing one callable after another would hand the drift to whichever ran in the cooler
+    or hotter stretch; in turns, every callable sees the same stretches.
+    Returns ({name: ms}, {name: error}): a callable that raises gets an error and no time."""
+    errors, names = {}, []
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            names.append(name)
+        except Exception as exc:  # noqa: BLE001  (a baseline failing is a result, not a crash)
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            torch.cuda.synchronize()
+    events = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            for _ in range(iters):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                events[name].append((start, end))
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = {name: statistics.median(s.elapsed_time(e) for s, e in ev)
+             for name, ev in events.items()}
+    return times, errors
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -208,18 +231,11 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
     rows = []
     for op, (K, N, impls) in cases.items():
         flops = 2.0 * R * K * N
-        times, notes = {}, {}
+        notes = {impl: "torch._grouped_mm not available" for impl in IMPLS if impls.get(impl) is None}
+        times, errors = interleaved_ms({impl: impls[impl] for impl in IMPLS if impls.get(impl)},
+                                       args.warmup, args.rounds, args.iters)
+        notes.update(errors)
         check = None
-        for impl in IMPLS:
-            fn = impls.get(impl)
-            if fn is None:
-                notes[impl] = "torch._grouped_mm not available"
-                continue
-            try:
-                times[impl] = median_ms(fn, args.warmup, args.iters)
-            except Exception as exc:  # noqa: BLE001  (a baseline failing is a result, not a crash)
-                notes[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                torch.cuda.synchronize()
         if "anyexperts" in times and "torch_grouped_mm" in times:
             check = rel_diff(impls["anyexperts"](), impls["torch_grouped_mm"]())
         torch_ms = times.get("torch_grouped_mm")
@@ -337,54 +353,53 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
         case = dict(base, op=op, M=R, K=K, N=N, flops=flops)
         torch_fn = lambda: torch._grouped_mm(a, b, offs=offsets, out_dtype=dt)  # noqa: E731
         expect = torch_fn()
-        # Several passes over torch and every configuration, each time the minimum over the
-        # passes' medians: a clock change during one pass then does not pick the winner.
-        torch_times = []
         ours = {label: dict(case, name=f"{name}/{load}/{op}/{label}", impl="anyexperts",
-                            config=label, schedule=sched, raster=raster, swizzle=sw, ms_passes=[])
+                            config=label, schedule=sched, raster=raster, swizzle=sw)
                 for label, sched, raster, sw in sweep_configs(args)}
-        for _ in range(args.sweep_repeats):
-            torch_times.append(median_ms(torch_fn, args.warmup, args.iters))
-            for label, sched, raster, sw in sweep_configs(args):
-                row = ours[label]
-                if row.get("error"):
-                    continue
+        fns = {TORCH_LABEL: torch_fn}
+        for label, sched, raster, sw in sweep_configs(args):
+            def fn(sched=sched, raster=raster, sw=sw):
                 set_tuning(sched, raster, sw)
-                fn = lambda: ops.grouped_mm(a, b, offsets)  # noqa: E731
                 try:
-                    if "rel_diff_vs_torch_grouped_mm" not in row:
-                        diff = rel_diff(fn(), expect)
-                        row["rel_diff_vs_torch_grouped_mm"] = diff
-                        if not diff <= MISMATCH_TOL:   # NaN included
-                            row["error"] = (f"result differs from torch._grouped_mm: rel. diff "
-                                            f"{diff:.2e}")
-                    row["ms_passes"].append(median_ms(fn, args.warmup, args.iters))
-                except Exception as exc:  # noqa: BLE001  (a failing configuration is a result)
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                    torch.cuda.synchronize()
+                    return ops.grouped_mm(a, b, offsets)
                 finally:
                     set_tuning()
-        torch_ms = min(torch_times)
+            row = ours[label]
+            try:
+                diff = rel_diff(fn(), expect)
+            except Exception as exc:  # noqa: BLE001  (a failing configuration is a result)
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                torch.cuda.synchronize()
+                continue
+            row["rel_diff_vs_torch_grouped_mm"] = diff
+            if not diff <= MISMATCH_TOL:   # NaN included
+                row["error"] = f"result differs from torch._grouped_mm: rel. diff {diff:.2e}"
+                continue
+            fns[label] = fn
+        # All configurations and torch in turns (interleaved_ms): a clock change during the
+        # sweep then reaches every one of them alike.
+        times, errors = interleaved_ms(fns, args.warmup, args.rounds, args.iters)
+        for label, err in errors.items():
+            ours[label]["error"] = err
+        torch_ms = times[TORCH_LABEL]
         rows.append(dict(case, name=f"{name}/{load}/{op}/torch_grouped_mm", impl="torch_grouped_mm",
-                         config="torch._grouped_mm", schedule=None, raster=None, swizzle=None,
-                         ms=torch_ms, ms_passes=torch_times, tflops=flops / torch_ms / 1e9,
+                         config=TORCH_LABEL, schedule=None, raster=None, swizzle=None,
+                         ms=torch_ms, tflops=flops / torch_ms / 1e9,
                          speedup_vs_torch_grouped_mm=1.0))
-        for row in ours.values():
-            if not row["ms_passes"]:
+        for label, row in ours.items():
+            ms = times.get(label)
+            if ms is None:
                 row.update(ms=None, tflops=None, speedup_vs_torch_grouped_mm=None)
             else:
-                ms = min(row["ms_passes"])
                 row.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_torch_grouped_mm=torch_ms / ms)
             rows.append(row)
         ok = [r for r in ours.values() if not r.get("error")]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
         auto = ours["auto"] if not ours["auto"].get("error") else None
-        spread = max(torch_times) / min(torch_times) - 1
         print(f"{name:12s} {load:8s} {op:7s} torch={flops / torch_ms / 1e9:7.1f} TFLOP/s  "
               + (f"auto={auto['speedup_vs_torch_grouped_mm']:.3f}x  " if auto else "auto=n/a  ")
               + (f"best={best['config']} {best['speedup_vs_torch_grouped_mm']:.3f}x" if best
                  else "best=n/a")
-              + f"  torch spread over passes {100 * spread:.1f}%"
               + (f"  errors={len(ours) - len(ok)}" if len(ok) < len(ours) else ""), flush=True)
         del expect
     del x, dy, W, Wt
@@ -456,7 +471,8 @@ def sweep_markdown(meta, rows, summary) -> str:
         "",
         "bf16 grouped_mm (forward: column-major B = nn.Linear weight transposed; dgrad: row-major"
         " B) under each tuning override, against torch._grouped_mm on the same inputs in the same"
-        " process. speedup = torch._grouped_mm time / ours (> 1: ours faster). Config ="
+        " process, all timed in turns. speedup = torch._grouped_mm time / ours (> 1: ours"
+        " faster). Config ="
         " schedule/raster/swizzle; `auto` is the default choice with no overrides (it equals one"
         " of the explicit rows: their difference is the run-to-run noise).",
         "",
@@ -510,7 +526,6 @@ def run_sweep(args, shapes, gen, meta) -> int:
               file=sys.stderr)
         return 2
     meta = dict(meta, benchmark="grouped_mm_sweep", ops=list(args.sweep_ops),
-                repeats=args.sweep_repeats,
                 schedules=list(args.sweep_schedules), rasters=list(args.sweep_rasters),
                 swizzles=list(args.sweep_swizzles), mismatch_tol=MISMATCH_TOL)
     print(f"sweep: {len(sweep_configs(args))} configs x {len(shapes)} shapes x {len(LOADS)} loads"
@@ -552,7 +567,8 @@ def markdown(meta, rows) -> str:
         "",
         *([f"anyexperts kernels capped at {ENV_BACKEND}={meta['backend_override']}.", ""]
           if meta.get("backend_override") else []),
-        "TFLOP/s (bf16, median of CUDA-event times). speedup = torch._grouped_mm time / ours;"
+        f"TFLOP/s (bf16, median of {meta['rounds'] * meta['iters']} CUDA-event times, the"
+        " implementations timed in turns). speedup = torch._grouped_mm time / ours;"
         " % dense = ours / one dense cuBLAS GEMM of equal FLOPs.",
         "",
         "| shape | load | op | M x K x N | anyexperts | torch._grouped_mm | cuBLAS loop |"
@@ -589,7 +605,9 @@ def main() -> int:
                    "bench/results/grouped_mm.json, with --sweep grouped_mm_sweep.json")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds; each times --iters calls of every implementation in turn")
     p.add_argument("--shapes", default=None, help="comma-separated subset of shape names")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true",
@@ -601,11 +619,7 @@ def main() -> int:
                    default=SWEEP_RASTERS)
     p.add_argument("--sweep-swizzles", type=csv_arg(int, SWEEP_SWIZZLES), default=SWEEP_SWIZZLES)
     p.add_argument("--sweep-ops", type=csv_arg(str, SWEEP_OPS), default=SWEEP_OPS)
-    p.add_argument("--sweep-repeats", type=int, default=2,
-                   help="passes over all configurations; each keeps its fastest pass")
     args = p.parse_args()
-    if args.sweep_repeats < 1:
-        p.error("--sweep-repeats must be at least 1")
     if args.out is None:
         args.out = os.path.join(here, "results",
                                 "grouped_mm_sweep.json" if args.sweep else "grouped_mm.json")
@@ -616,7 +630,10 @@ def main() -> int:
         print("bench_grouped_mm: needs a CUDA GPU", file=sys.stderr)
         return 2
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    args.iters = args.iters if args.iters is not None else (5 if args.quick else 20)
+    args.iters = args.iters if args.iters is not None else (2 if args.quick else 3)
+    args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 10)
+    if min(args.iters, args.rounds) < 1 or args.warmup < 0:
+        p.error("--iters and --rounds must be at least 1, --warmup at least 0")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         wanted = set(args.shapes.split(","))
@@ -634,6 +651,7 @@ def main() -> int:
         "zipf_s": ZIPF_S,
         "warmup": args.warmup,
         "iters": args.iters,
+        "rounds": args.rounds,
         "schedule_override": os.environ.get(ENV_SCHEDULE),
         "raster_override": os.environ.get(ENV_RASTER),
         "swizzle_override": os.environ.get(ENV_SWIZZLE),

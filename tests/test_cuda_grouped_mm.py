@@ -353,7 +353,7 @@ def test_every_schedule_matches_reference(tuning, schedule, case, transposed_b):
     assert (out[tail_of(offsets, R):] == 0).all(), "rows past the last offset must be zero"
 
 
-RASTER_SWIZZLE = [("along_m", 1), ("along_n", 1), ("heuristic", 1), ("along_m", 2),
+RASTER_SWIZZLE = [("auto", 1), ("along_m", 1), ("along_n", 1), ("heuristic", 1), ("along_m", 2),
                   ("along_n", 2), ("along_m", 4), ("along_n", 8)]
 
 
@@ -437,6 +437,8 @@ def test_unknown_override_values_raise(tuning):
             ops.grouped_mm(a, b, off)
     tuning("auto", "heuristic", 1)
     check(ops.grouped_mm(a, b, off), ref64(a, b, off), torch.bfloat16, "auto/heuristic/1")
+    tuning("auto", "auto", 1)   # "auto" names the default choice (select_forward_scheduling)
+    check(ops.grouped_mm(a, b, off), ref64(a, b, off), torch.bfloat16, "auto/auto/1")
     tuning("pingpong")     # the short names of the two original schedules still work
     check(ops.grouped_mm(a, b, off), ref64(a, b, off), torch.bfloat16, "pingpong")
 

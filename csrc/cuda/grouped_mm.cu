@@ -304,11 +304,12 @@ Backend backend() {
 
 #if defined(ANYEXPERTS_SM80) || defined(ANYEXPERTS_SM90)
 
-// Per-device facts, read once: compute capability and SM count.
+// Per-device facts, read once: compute capability, SM count and L2 size.
 struct DeviceInfo {
   int major = 0;
   int minor = 0;
   int sm_count = 0;
+  int l2_bytes = 0;
 };
 
 const DeviceInfo& device_info(int device) {
@@ -322,6 +323,7 @@ const DeviceInfo& device_info(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.l2_bytes, cudaDevAttrL2CacheSize, device));
     infos[device] = info;  // idempotent: racing writers store the same values
     ready[device].store(true, std::memory_order_release);
   }
@@ -510,8 +512,9 @@ void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
 //                                   kScheduleNames: forces that schedule for grouped_mm
 //                                   (forward and dgrad) in bf16. fp16 has one kernel compiled
 //                                   and runs it whatever is named; grouped_mm_wgrad too.
-//   ANYEXPERTS_GROUPED_MM_RASTER    along_m (default) | along_n | heuristic: tile order of
-//                                   the persistent group scheduler (sm90::Raster).
+//   ANYEXPERTS_GROUPED_MM_RASTER    auto (the choice of select_forward_raster) | along_m |
+//                                   along_n | heuristic: tile order of the persistent group
+//                                   scheduler (sm90::Raster).
 //   ANYEXPERTS_GROUPED_MM_SWIZZLE   1 (default) | 2 | 4 | 8 (sm90::Scheduling::swizzle).
 // Unset or empty means the default; any other value fails every SM90 grouped_mm call with
 // an error that lists the accepted ones (a typo must not quietly time the default).
@@ -538,7 +541,8 @@ constexpr ScheduleName kScheduleNames[] = {
 struct Tuning {
   bool auto_schedule = true;
   sm90::Schedule schedule = sm90::Schedule::kCooperative128x256;  // when !auto_schedule
-  sm90::Scheduling scheduling{};
+  bool auto_raster = true;
+  sm90::Scheduling scheduling{};  // its raster only when !auto_raster
 };
 
 Tuning read_tuning() {
@@ -560,15 +564,18 @@ Tuning read_tuning() {
     }
   }
   if (const char* v = env_value("ANYEXPERTS_GROUPED_MM_RASTER")) {
-    if (std::strcmp(v, "along_m") == 0) {
-      t.scheduling.raster = sm90::Raster::kAlongM;
-    } else if (std::strcmp(v, "along_n") == 0) {
-      t.scheduling.raster = sm90::Raster::kAlongN;
-    } else if (std::strcmp(v, "heuristic") == 0) {
-      t.scheduling.raster = sm90::Raster::kHeuristic;
-    } else {
-      TORCH_CHECK(false, "grouped_mm: unknown ANYEXPERTS_GROUPED_MM_RASTER='", v,
-                  "'; expected one of: along_m, along_n, heuristic");
+    if (std::strcmp(v, "auto") != 0) {
+      t.auto_raster = false;
+      if (std::strcmp(v, "along_m") == 0) {
+        t.scheduling.raster = sm90::Raster::kAlongM;
+      } else if (std::strcmp(v, "along_n") == 0) {
+        t.scheduling.raster = sm90::Raster::kAlongN;
+      } else if (std::strcmp(v, "heuristic") == 0) {
+        t.scheduling.raster = sm90::Raster::kHeuristic;
+      } else {
+        TORCH_CHECK(false, "grouped_mm: unknown ANYEXPERTS_GROUPED_MM_RASTER='", v,
+                    "'; expected one of: auto, along_m, along_n, heuristic");
+      }
     }
   }
   if (const char* v = env_value("ANYEXPERTS_GROUPED_MM_SWIZZLE")) {
@@ -617,6 +624,26 @@ sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups, const Tunin
   return m_avg <= 128 ? sm90::Schedule::kPingpong64x256 : sm90::Schedule::kCooperative128x256;
 }
 
+// The tile order (grouped_mm, forward and dgrad). A persistent wave covers ~sm_count
+// tiles. Along M it sweeps down one N column of a group: the column's B panel stays in L2
+// and A is read once per N column of the group whenever the group's rows outnumber the
+// wave (a large expert: A then comes from DRAM N/256 times). Along N it walks across one
+// M row: A is read once, and B (the whole K x N matrix of the group) is read again for
+// every M row unless it stays in L2. So along N when one group's B is at most half of L2:
+// fine-grained experts (E128 and E64 shapes: 3-4 MB), where it saves the A re-reads of
+// Zipf-skewed loads' large groups (bench/results/grouped_mm_sweep*.md: along N 1.02-1.09x
+// of torch there, along M 0.89-0.97x). Along M otherwise (E8 x 14336: B is 117 MB).
+// Balanced loads fit a group in a wave either way. The offsets never reach the host, so
+// the choice cannot look at group sizes. ANYEXPERTS_GROUPED_MM_RASTER overrides it.
+sm90::Scheduling select_forward_scheduling(int64_t k, int64_t n, int64_t element_bytes,
+                                           const DeviceInfo& info, const Tuning& t) {
+  if (!t.auto_raster) return t.scheduling;
+  sm90::Scheduling s = t.scheduling;
+  s.raster = 2 * k * n * element_bytes <= info.l2_bytes ? sm90::Raster::kAlongN
+                                                         : sm90::Raster::kAlongM;
+  return s;
+}
+
 sm90::ForwardKernel forward_kernel(at::ScalarType dtype, sm90::BLayout layout,
                                    sm90::Schedule schedule) {
   const bool row = layout == sm90::BLayout::kRowMajor;
@@ -648,7 +675,9 @@ void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::T
   const Tuning t = tuning();
   const sm90::ForwardKernel kernel =
       forward_kernel(a.scalar_type(), p.layout, select_forward_schedule(p.rows, p.groups, t));
-  run_sm90_kernel("grouped_mm", kernel, p, a, t.scheduling);
+  run_sm90_kernel("grouped_mm", kernel, p, a,
+                  select_forward_scheduling(p.k, p.n, a.element_size(),
+                                            device_info(a.device().index()), t));
 }
 
 void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
