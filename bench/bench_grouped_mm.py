@@ -36,6 +36,7 @@ import datetime
 import json
 import math
 import os
+import random
 import statistics
 import sys
 
@@ -129,11 +130,13 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
 
 def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int):
     """Median CUDA-event time (ms) of each callable in `fns` (name -> fn), timed in turns:
-    each of `rounds` rounds times `iters` calls of every callable, in an order rotated from
-    one round to the next. A GPU's clock follows its power and temperature over a run (the
-    same kernel's time moved by 12% between two runs of this benchmark on an H100), so
+    each of `rounds` rounds times `iters` calls of every callable, in an order shuffled
+    anew each round (seeded). A GPU's clock follows its power and temperature over a run
+    (the same kernel's time moved by 12% between two runs of this benchmark on an H100), so
     timing one callable after another would hand the drift to whichever ran in the cooler
-    or hotter stretch; in turns, every callable sees the same stretches.
+    or hotter stretch; in turns, every callable sees the same stretches. Shuffled rather
+    than rotated, so that no callable always follows the same one (a power-hungry
+    predecessor slows the clock for the next).
     Returns ({name: ms}, {name: error}): a callable that raises gets an error and no time."""
     errors, names = {}, []
     for name, fn in fns.items():
@@ -146,9 +149,9 @@ def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int):
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             torch.cuda.synchronize()
     events = {name: [] for name in names}
-    for r in range(rounds):
-        k = r % len(names) if names else 0
-        for name in names[k:] + names[:k]:
+    order = random.Random(0)
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             for _ in range(iters):
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -631,7 +634,7 @@ def main() -> int:
         return 2
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.iters = args.iters if args.iters is not None else (2 if args.quick else 3)
-    args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 10)
+    args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 20)
     if min(args.iters, args.rounds) < 1 or args.warmup < 0:
         p.error("--iters and --rounds must be at least 1, --warmup at least 0")
     shapes = QUICK_SHAPES if args.quick else SHAPES
