@@ -69,11 +69,11 @@ IMPLS = ("anyexperts", "torch_grouped_mm", "cublas_loop", "dense_cublas")
 # --sweep: every schedule compiled into the SM90 grouped GEMM (kScheduleNames in
 # csrc/cuda/grouped_mm.cu; tests/test_bench_grouped_mm.py keeps the two lists equal).
 SWEEP_SCHEDULES = (
-    "cooperative_128x256_2x1",   # default when rows/groups > 128
+    "cooperative_128x256_2x1",   # default when rows/groups > 128 and K > 1024
     "pingpong_64x256_1x1",       # default when rows/groups <= 128
     "cooperative_128x128_1x2",   # candidates
     "cooperative_256x128_2x1",
-    "pingpong_128x128_1x2",
+    "pingpong_128x128_1x2",      # default when rows/groups > 128 and K <= 1024
 )
 # "heuristic" is left out: with problem shapes on the device only, CUTLASS's heuristic sees
 # an (SM count x 1) tile grid and always picks along_n.

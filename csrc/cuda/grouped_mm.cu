@@ -607,21 +607,31 @@ Tuning tuning() {
 //     one warpgroup's epilogue overlaps the other's mainloop. Wins when groups are short
 //     (decode, many small experts): a 128-row tile would be mostly padding, and a 2x1
 //     cluster would round every group up to an even number of M tiles.
-//   kCooperative128x128 (1x2 cluster), kCooperative256x128 (2x1), kPingpong128x128 (1x2):
-//     bf16 candidates, compiled so that one H100 session can time them against the two
-//     above on the benchmark shapes (bench_grouped_mm.py --sweep). None is chosen here
-//     until measurements say where one wins; the override runs them meanwhile.
-// The choice uses m_avg = R / G, the mean rows per group, an upper bound known on the
-// host without reading offsets: pingpong when m_avg <= 128, else cooperative. fp16 has
-// only kCooperative128x256 compiled (compile time; bf16 is the training dtype).
+//   kPingpong128x128 (128x128x64 tiles, 1x2 cluster): each warpgroup owns a whole 128x128
+//     tile, and its epilogue overlaps the other's mainloop. Wins when K is short: with
+//     K <= 1024 a tile's mainloop is at most 16 k-steps, so the cooperative kernel's
+//     epilogue, during which both its warpgroups stall, is a large share of every tile.
+//     These are the dgrad GEMMs of fine-grained experts (K = F = 768 or 1024), where it
+//     ran at 1.08-1.14x of torch._grouped_mm on an H100 while the cooperative kernel was
+//     at parity (bench/results/grouped_mm_sweep.md).
+//   kCooperative128x128 (1x2 cluster), kCooperative256x128 (2x1): bf16 candidates,
+//     compiled so that an H100 session can time them against the above on the benchmark
+//     shapes (bench_grouped_mm.py --sweep). Neither has won anywhere yet; the override
+//     runs them.
+// The choice uses K and m_avg = R / G, the mean rows per group, an upper bound known on
+// the host without reading offsets: kPingpong64x256 when m_avg <= 128, else
+// kPingpong128x128 when K <= 1024, else kCooperative128x256. fp16 has only
+// kCooperative128x256 compiled (compile time; bf16 is the training dtype).
 // ANYEXPERTS_GROUPED_MM_SCHEDULE overrides the choice (tuning, see above).
 // grouped_mm_wgrad always runs the cooperative kernel: its output db[g] is K x N for every
 // group whatever the group's rows (those are its reduction dimension), so its tiles are
 // full-size wherever there is work.
-sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups, const Tuning& t) {
+sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups, int64_t k,
+                                       const Tuning& t) {
   if (!t.auto_schedule) return t.schedule;
   const int64_t m_avg = rows / std::max<int64_t>(groups, 1);
-  return m_avg <= 128 ? sm90::Schedule::kPingpong64x256 : sm90::Schedule::kCooperative128x256;
+  if (m_avg <= 128) return sm90::Schedule::kPingpong64x256;
+  return k <= 1024 ? sm90::Schedule::kPingpong128x128 : sm90::Schedule::kCooperative128x256;
 }
 
 // The tile order (grouped_mm, forward and dgrad). A persistent wave covers ~sm_count
@@ -674,7 +684,7 @@ void sm90_grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::T
   const grouped::ForwardProblem p = forward_problem(a_in, b_in, offsets, zero_tail, out, a, b);
   const Tuning t = tuning();
   const sm90::ForwardKernel kernel =
-      forward_kernel(a.scalar_type(), p.layout, select_forward_schedule(p.rows, p.groups, t));
+      forward_kernel(a.scalar_type(), p.layout, select_forward_schedule(p.rows, p.groups, p.k, t));
   run_sm90_kernel("grouped_mm", kernel, p, a,
                   select_forward_scheduling(p.k, p.n, a.element_size(),
                                             device_info(a.device().index()), t));

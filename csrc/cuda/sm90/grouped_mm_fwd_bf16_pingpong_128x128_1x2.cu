@@ -1,6 +1,6 @@
 // SM90 grouped GEMM, forward and dgrad, bf16, ping-pong schedule (128x128x64, cluster 1x2).
-// A candidate (Schedule::kPingpong128x128, grouped_mm_sm90.h): runs only when
-// ANYEXPERTS_GROUPED_MM_SCHEDULE names it, until measurements pick a default.
+// Schedule::kPingpong128x128 (grouped_mm_sm90.h): the default for K <= 1024
+// (select_forward_schedule in csrc/cuda/grouped_mm.cu).
 // out[rows of g] = a[rows of g] @ b[g]; one instantiation per layout of b.
 #include "grouped_mm_sm90.cuh"
 

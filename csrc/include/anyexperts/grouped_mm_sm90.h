@@ -34,9 +34,9 @@ enum class Schedule : int {
   // consumer warpgroups own separate 64x256 tiles and alternate mainloop and epilogue.
   // 64-row tiles waste less on small groups; no cluster, so no M-tile rounding either.
   kPingpong64x256 = 1,
-  // ---- Candidates (issue 4): compiled for bf16 so that one benchmark run on an H100
-  // (bench/bench_grouped_mm.py --sweep) can compare them with the two schedules above on
-  // the real layer shapes; the default choice does not use them until measurements exist.
+  // ---- bf16 only, compiled so that one benchmark run on an H100 (bench/bench_grouped_mm.py
+  // --sweep) can compare them with the two schedules above on the real layer shapes. The
+  // default choice takes kPingpong128x128 for short K; the other two have not won yet.
   //
   // KernelPtrArrayTmaWarpSpecializedCooperative, tile 128x128x64, cluster 1x2x1: half the
   // N width of kCooperative128x256, so twice the tiles (finer balance across the 132 SMs
@@ -54,8 +54,8 @@ enum class Schedule : int {
   kCooperative256x128 = 3,
   // KernelPtrArrayTmaWarpSpecializedPingpong, tile 128x128x64, cluster 1x2x1: each
   // consumer warpgroup owns a whole 128x128 tile and its epilogue overlaps the other
-  // warpgroup's mainloop. Candidate where K is short (dgrad of E128: K = F = 768, 12
-  // k-steps), so that the epilogue is a large share of a tile's time.
+  // warpgroup's mainloop. The default where K is short (dgrad of fine-grained experts:
+  // K = F = 768 or 1024), so that the epilogue is a large share of a tile's time.
   kPingpong128x128 = 4,
 };
 
