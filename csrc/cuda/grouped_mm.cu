@@ -512,10 +512,11 @@ void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
 //                                   kScheduleNames: forces that schedule for grouped_mm
 //                                   (forward and dgrad) in bf16. fp16 has one kernel compiled
 //                                   and runs it whatever is named; grouped_mm_wgrad too.
-//   ANYEXPERTS_GROUPED_MM_RASTER    auto (the choice of select_forward_raster) | along_m |
-//                                   along_n | heuristic: tile order of the persistent group
-//                                   scheduler (sm90::Raster).
-//   ANYEXPERTS_GROUPED_MM_SWIZZLE   1 (default) | 2 | 4 | 8 (sm90::Scheduling::swizzle).
+//   ANYEXPERTS_GROUPED_MM_RASTER    auto (grouped_mm: the choice of
+//                                   select_forward_scheduling; grouped_mm_wgrad: along M) |
+//                                   along_m | along_n | heuristic: tile order of the
+//                                   persistent group scheduler (sm90::Raster), both ops.
+//   ANYEXPERTS_GROUPED_MM_SWIZZLE   1 (default) | 2 | 4 | 8 (sm90::Scheduling::swizzle), both.
 // Unset or empty means the default; any other value fails every SM90 grouped_mm call with
 // an error that lists the accepted ones (a typo must not quietly time the default).
 // They are read once, at the first SM90 grouped_mm call of the process. With
@@ -696,7 +697,8 @@ void sm90_grouped_mm_wgrad(const at::Tensor& a_in, const at::Tensor& dout_in,
   const grouped::WgradProblem p = wgrad_problem(a_in, dout_in, offsets, db, a, dout);
   const sm90::WgradKernel kernel =
       a.scalar_type() == at::kBFloat16 ? sm90::wgrad_bf16() : sm90::wgrad_fp16();
-  run_sm90_kernel("grouped_mm_wgrad", kernel, p, a);
+  // Along M unless ANYEXPERTS_GROUPED_MM_RASTER / _SWIZZLE name an order (tuning).
+  run_sm90_kernel("grouped_mm_wgrad", kernel, p, a, tuning().scheduling);
 }
 
 #endif  // ANYEXPERTS_SM90
