@@ -10,6 +10,8 @@
 #   STEPS="build bench" BENCHES=grouped_mm_sweep bash bench/gpu_session.sh
 # CUTLASS headers come from a carried nvidia-cutlass wheel in .whl/ (the machine has no network).
 # Set ANYEXPERTS_COMMIT to the commit the tree holds: a copied tree's .git may be older.
+# The device tool brings back only a few files from its $OUT: point OUT elsewhere and tar it
+# into the tool's $OUT at the end of the command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ae-gpu-out}
