@@ -398,26 +398,48 @@ def test_every_schedule_autograd_and_fp16(tuning, schedule):
         check(w.grad, w64.grad, dtype, f"{schedule} {dtype} grad w")
 
 
+def cutlass_kernels(fn):
+    """The names of the CUTLASS kernels one call of fn launches (skips the test when the
+    profiler reports none)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()   # one-time kernel setup outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = {e.name for e in prof.events() if "GemmUniversal" in e.name or
+               "device_kernel" in e.name}
+    if not kernels:
+        pytest.skip("the profiler reported no CUTLASS kernel names")
+    return frozenset(kernels)
+
+
+@needs_sm90
+@pytest.mark.parametrize("shape,expected", [
+    ((256, 1088, 128, 4), "pingpong_64x256_1x1"),        # rows per group <= 128
+    ((2048, 1024, 128, 4), "pingpong_128x128_1x2"),      # K <= 1024
+    ((2048, 1088, 128, 4), "cooperative_128x256_2x1"),   # otherwise
+], ids=["short_groups", "short_k", "long_k"])
+def test_default_schedule_by_shape(tuning, shape, expected):
+    # select_forward_schedule's choice, seen as the kernel the default runs.
+    R, K, N, G = shape
+    a, b = make(R, K, N, G, torch.bfloat16, transposed_b=True)
+    offsets = offsets_on_device(G, R)
+    default = cutlass_kernels(lambda: ops.grouped_mm(a, b, offsets))
+    tuning(expected)
+    assert default == cutlass_kernels(lambda: ops.grouped_mm(a, b, offsets)), (default, expected)
+
+
 @needs_sm90
 def test_overrides_pick_distinct_kernels(tuning):
     # Each schedule name runs its own CUTLASS kernel (the override is not silently ignored).
-    from torch.profiler import ProfilerActivity, profile
     R, K, N, G = 1024, 64, 128, 4
     a, b = make(R, K, N, G, torch.bfloat16, transposed_b=True)
     offsets = offsets_on_device(G, R)
     names = {}
     for schedule in SM90_SCHEDULES:
         tuning(schedule)
-        ops.grouped_mm(a, b, offsets)   # one-time kernel setup outside the profile
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ops.grouped_mm(a, b, offsets)
-            torch.cuda.synchronize()
-        kernels = {e.name for e in prof.events() if "GemmUniversal" in e.name or
-                   "device_kernel" in e.name}
-        if not kernels:
-            pytest.skip("the profiler reported no CUTLASS kernel names")
-        names[schedule] = frozenset(kernels)
+        names[schedule] = cutlass_kernels(lambda: ops.grouped_mm(a, b, offsets))
     assert len(set(names.values())) == len(SM90_SCHEDULES), names
     for schedule, kernels in names.items():
         kind = "Pingpong" if schedule.startswith("pingpong") else "Cooperative"
