@@ -69,8 +69,9 @@ enum class Raster : int {
                    // problem shapes it sees (sm_count x 1) tiles and so picks kAlongN
 };
 
-// How the persistent tile scheduler orders tiles. The defaults are what the kernels ran
-// with before these knobs existed (CUTLASS's grouped defaults).
+// How the persistent tile scheduler orders tiles. The defaults are CUTLASS's grouped
+// defaults, which grouped_mm_wgrad runs with; grouped_mm picks its raster per shape
+// (select_forward_scheduling in csrc/cuda/grouped_mm.cu).
 struct Scheduling {
   Raster raster = Raster::kAlongM;
   // 1, 2, 4 or 8: tiles are visited in swizzle-wide strips across the raster direction.
