@@ -128,37 +128,45 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
     return sizes
 
 
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
 def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int):
     """Median CUDA-event time (ms) of each callable in `fns` (name -> fn), timed in turns:
     each of `rounds` rounds times `iters` calls of every callable, in an order shuffled
     anew each round (seeded). A GPU's clock follows its power and temperature over a run
-    (the same kernel's time moved by 12% between two runs of this benchmark on an H100), so
-    timing one callable after another would hand the drift to whichever ran in the cooler
-    or hotter stretch; in turns, every callable sees the same stretches. Shuffled rather
-    than rotated, so that no callable always follows the same one (a power-hungry
-    predecessor slows the clock for the next).
-    Returns ({name: ms}, {name: error}): a callable that raises gets an error and no time."""
-    errors, names = {}, []
+    (torch._grouped_mm's olmoe balanced forward took 0.792 ms in one sequentially timed
+    sweep and 0.885 ms in another on the same H100), so timing one callable after another
+    would hand the drift to whichever ran in the cooler or hotter stretch; in turns, every
+    callable sees the same stretches. Shuffled rather than rotated, so that no callable
+    always follows the same one (a power-hungry predecessor slows the clock for the next).
+    Returns ({name: ms}, {name: error}): a callable that raises, in warm-up or later, gets
+    an error and no time (a baseline failing is a result, not a crash)."""
+    errors, events = {}, {}
     for name, fn in fns.items():
         try:
-            for _ in range(warmup):
+            for _ in range(max(warmup, 1)):   # at least one untimed call: it may fail
                 fn()
             torch.cuda.synchronize()
-            names.append(name)
-        except Exception as exc:  # noqa: BLE001  (a baseline failing is a result, not a crash)
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            events[name] = []
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = _error(exc)
             torch.cuda.synchronize()
-    events = {name: [] for name in names}
     order = random.Random(0)
     for _ in range(rounds):
-        for name in order.sample(names, len(names)):
-            for _ in range(iters):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[name]()
-                end.record()
-                events[name].append((start, end))
+        for name in order.sample(list(events), len(events)):
+            try:
+                for _ in range(iters):
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fns[name]()
+                    end.record()
+                    events[name].append((start, end))
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = _error(exc)
+                del events[name]
     torch.cuda.synchronize()
     times = {name: statistics.median(s.elapsed_time(e) for s, e in ev)
              for name, ev in events.items()}
@@ -371,7 +379,7 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
             try:
                 diff = rel_diff(fn(), expect)
             except Exception as exc:  # noqa: BLE001  (a failing configuration is a result)
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                row["error"] = _error(exc)
                 torch.cuda.synchronize()
                 continue
             row["rel_diff_vs_torch_grouped_mm"] = diff
@@ -382,6 +390,8 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
         # All configurations and torch in turns (interleaved_ms): a clock change during the
         # sweep then reaches every one of them alike.
         times, errors = interleaved_ms(fns, args.warmup, args.rounds, args.iters)
+        if TORCH_LABEL in errors:
+            raise RuntimeError(f"{TORCH_LABEL} failed while timed: {errors[TORCH_LABEL]}")
         for label, err in errors.items():
             ours[label]["error"] = err
         torch_ms = times[TORCH_LABEL]

@@ -127,3 +127,52 @@ def test_sweep_quick_on_sm90(tmp_path):
     assert not bad, bad
     assert all(r["speedup_vs_torch_grouped_mm"] > 0 for r in ours)
     assert doc["summary"]["best_per_shape"] and doc["summary"]["ranking_all_cases"]
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the CPU: each record() reads a clock that the timed calls
+    advance, so elapsed_time is the calls' simulated cost."""
+    clock = 0.0
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        self.t = _FakeEvent.clock
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_interleaved_ms_times_in_turns_and_survives_failures(monkeypatch, warmup):
+    bench = _load_bench()
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    calls, order = {"fails_late": 0}, []
+
+    def timed(name, cost):
+        def fn():
+            order.append(name)
+            _FakeEvent.clock += cost
+        return fn
+
+    def fails_late():
+        calls["fails_late"] += 1
+        if calls["fails_late"] > max(warmup, 1) + 2:   # after warm-up, within the rounds
+            raise RuntimeError("late failure\nsecond line")
+        _FakeEvent.clock += 5.0
+
+    def fails_at_once():
+        raise ValueError("broken")
+
+    fns = {"a": timed("a", 1.0), "b": timed("b", 3.0), "fails_late": fails_late,
+           "fails_at_once": fails_at_once}
+    times, errors = bench.interleaved_ms(fns, warmup, rounds=6, iters=2)
+    assert times == {"a": 1.0, "b": 3.0}
+    assert errors == {"fails_late": "RuntimeError: late failure",
+                      "fails_at_once": "ValueError: broken"}
+    timed_order = order[2 * max(warmup, 1):]            # after each one's warm-up calls
+    assert len(timed_order) == 6 * 2 * 2
+    firsts = {timed_order[4 * r] for r in range(6)}      # the order changes between rounds
+    assert firsts == {"a", "b"}

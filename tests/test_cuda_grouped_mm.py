@@ -104,17 +104,20 @@ def tail_of(offsets, R) -> int:
 
 # ---- forward vs the fp64 reference -------------------------------------------------------
 
-# (R, K, N, G): K, N multiples of 8 take the SM90 path for bf16/fp16 on H100/H200; the
-# pingpong kernel runs when R/G <= 128, the cooperative one otherwise.
+# (R, K, N, G): K, N multiples of 8 take the SM90 path for bf16/fp16 on H100/H200. For bf16
+# the default runs ping-pong 64x256 when R/G <= 128, else ping-pong 128x128 when K <= 1024,
+# else cooperative 128x256; fp16 runs the cooperative kernel always.
 SHAPES = [
-    (1, 8, 8, 1),             # pingpong
-    (37, 16, 24, 3),          # pingpong
-    (600, 64, 256, 4),        # cooperative, tile-sized N
-    (1034, 72, 264, 5),       # cooperative, K and N past a tile edge
-    (1000, 128, 96, 16),      # pingpong (m_avg 62)
-    (4096, 256, 512, 8),      # cooperative, several tiles per group
-    (8192, 128, 128, 256),    # pingpong, G = 256
-    (40000, 64, 64, 256),     # cooperative, G = 256
+    (1, 8, 8, 1),             # pingpong 64x256
+    (37, 16, 24, 3),          # pingpong 64x256
+    (600, 64, 256, 4),        # pingpong 128x128, tile-sized N
+    (1034, 72, 264, 5),       # pingpong 128x128, K and N past a tile edge
+    (1000, 128, 96, 16),      # pingpong 64x256 (m_avg 62)
+    (4096, 256, 512, 8),      # pingpong 128x128, several tiles per group
+    (8192, 128, 128, 256),    # pingpong 64x256, G = 256
+    (40000, 64, 64, 256),     # pingpong 128x128, G = 256
+    (2100, 1088, 136, 3),     # cooperative (K > 1024), K and N past a tile edge
+    (5000, 1536, 512, 8),     # cooperative, several tiles per group
 ]
 
 
@@ -547,11 +550,13 @@ def test_wgrad_strided_inputs(backend):
 
 # ---- autograd -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("R", [300, 1400])   # pingpong and cooperative forward/dgrad
+# bf16 forward/dgrad: pingpong 64x256 both; pingpong 128x128 both; cooperative forward
+# (K > 1024) and pingpong 128x128 dgrad (K = N = 96).
+@pytest.mark.parametrize("R,K", [(300, 64), (1400, 64), (1400, 1088)], ids=lambda v: str(v))
 @pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_autograd_matches_reference(backend, dtype, transposed_b, R):
-    K, N, G = 64, 96, 6
+def test_autograd_matches_reference(backend, dtype, transposed_b, R, K):
+    N, G = 96, 6
     offsets = offsets_on_device(G, R)
     a0 = torch.randn(R, K, device=DEV).to(dtype)
     store0 = (torch.randn(G, N, K, device=DEV) if transposed_b
@@ -601,12 +606,13 @@ def test_opcheck(backend, dtype):
 
 # ---- CUDA graphs ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("G", [8, 32])   # cooperative and pingpong (bf16 on SM90)
+# bf16 on SM90: pingpong 128x128, pingpong 64x256, cooperative (K > 1024)
+@pytest.mark.parametrize("G,K", [(8, 64), (32, 64), (8, 1088)], ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_graph_capture(backend, dtype, G):
+def test_cuda_graph_capture(backend, dtype, G, K):
     # The kernels read offsets on the device only: capture once, then change offsets and
     # inputs in place and replay; the replay must follow the new values.
-    R, K, N = 1536, 64, 128
+    R, N = 1536, 128
     a, b = make(R, K, N, G, dtype, transposed_b=True)
     dout = torch.randn(R, N, device=DEV).to(dtype)
     offsets = offsets_on_device(G, R)

@@ -602,8 +602,9 @@ Tuning tuning() {
 //   kCooperative128x256 (128x256x64 tiles, 2x1 cluster): the throughput kernel. The two
 //     warpgroups share each staged B tile (half the B loads of 64-row tiles), and the
 //     cluster multicasts each expert's B tile to the two CTAs holding neighbouring 128-row
-//     tiles. Wins when groups hold many rows (prefill, training: m_avg in the hundreds or
-//     thousands; all benchmark shapes of bench/bench_grouped_mm.py).
+//     tiles. Wins when groups hold many rows and K is long (prefill, training: m_avg in
+//     the hundreds or thousands; the forward GEMMs of bench/bench_grouped_mm.py, and every
+//     GEMM of its E8 shape).
 //   kPingpong64x256 (64x256x64 tiles, no cluster): each warpgroup owns a 64-row tile, and
 //     one warpgroup's epilogue overlaps the other's mainloop. Wins when groups are short
 //     (decode, many small experts): a 128-row tile would be mostly padding, and a 2x1
@@ -613,12 +614,12 @@ Tuning tuning() {
 //     K <= 1024 a tile's mainloop is at most 16 k-steps, so the cooperative kernel's
 //     epilogue, during which both its warpgroups stall, is a large share of every tile.
 //     These are the dgrad GEMMs of fine-grained experts (K = F = 768 or 1024), where it
-//     ran at 1.08-1.14x of torch._grouped_mm on an H100 while the cooperative kernel was
-//     at parity (bench/results/grouped_mm_sweep.md).
+//     ran at 1.07-1.13x of torch._grouped_mm on an H100 while the cooperative kernel was
+//     at 1.00-1.01x (bench/results/grouped_mm_sweep.md).
 //   kCooperative128x128 (1x2 cluster), kCooperative256x128 (2x1): bf16 candidates,
 //     compiled so that an H100 session can time them against the above on the benchmark
-//     shapes (bench_grouped_mm.py --sweep). Neither has won anywhere yet; the override
-//     runs them.
+//     shapes (bench_grouped_mm.py --sweep). Neither has won beyond the measurement's noise;
+//     the override runs them.
 // The choice uses K and m_avg = R / G, the mean rows per group, an upper bound known on
 // the host without reading offsets: kPingpong64x256 when m_avg <= 128, else
 // kPingpong128x128 when K <= 1024, else kCooperative128x256. fp16 has only
@@ -638,12 +639,14 @@ sm90::Schedule select_forward_schedule(int64_t rows, int64_t groups, int64_t k,
 // The tile order (grouped_mm, forward and dgrad). A persistent wave covers ~sm_count
 // tiles. Along M it sweeps down one N column of a group: the column's B panel stays in L2
 // and A is read once per N column of the group whenever the group's rows outnumber the
-// wave (a large expert: A then comes from DRAM N/256 times). Along N it walks across one
+// wave (a large expert: A then comes from DRAM once per N tile). Along N it walks across one
 // M row: A is read once, and B (the whole K x N matrix of the group) is read again for
 // every M row unless it stays in L2. So along N when one group's B is at most half of L2:
 // fine-grained experts (E128 and E64 shapes: 3-4 MB), where it saves the A re-reads of
-// Zipf-skewed loads' large groups (bench/results/grouped_mm_sweep*.md: along N 1.02-1.09x
-// of torch there, along M 0.89-0.97x). Along M otherwise (E8 x 14336: B is 117 MB).
+// Zipf-skewed loads' large groups: on an H100, timed in turns, along N 1.02-1.03x of
+// torch._grouped_mm (which runs along M) and along M 1.00x in the sweep, and the default
+// 1.04-1.05x in bench/results/grouped_mm.md. Along M otherwise (E8 x 14336: B is 117 MB,
+// and along N lost 5% there).
 // Balanced loads fit a group in a wave either way. The offsets never reach the host, so
 // the choice cannot look at group sizes. ANYEXPERTS_GROUPED_MM_RASTER overrides it.
 sm90::Scheduling select_forward_scheduling(int64_t k, int64_t n, int64_t element_bytes,
