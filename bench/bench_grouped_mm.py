@@ -179,6 +179,23 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b)) / den if den > 0 else 0.0
 
 
+def grouped_calls(x, dy, W, offsets, dt) -> dict:
+    """op -> (ours, torch._grouped_mm or None where this torch lacks it): the three grouped
+    GEMMs of one FFN projection with nn.Linear weights W[E, F, H] (see the module doc)."""
+    Wt = W.transpose(1, 2)
+
+    def theirs(a, b):
+        if not hasattr(torch, "_grouped_mm"):
+            return None
+        return lambda: torch._grouped_mm(a, b, offs=offsets, out_dtype=dt)
+
+    return {
+        "forward": (lambda: ops.grouped_mm(x, Wt, offsets), theirs(x, Wt)),
+        "dgrad": (lambda: ops.grouped_mm(dy, W, offsets), theirs(dy, W)),
+        "wgrad": (lambda: ops.grouped_mm_wgrad(x, dy, offsets), theirs(x.t(), dy)),
+    }
+
+
 def run_config(name, E, H, F, T, top_k, load, args, gen):
     dt = torch.bfloat16
     dev = "cuda"
@@ -214,27 +231,24 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
             else:
                 out_w[g].zero_()
 
-    has_torch_gmm = hasattr(torch, "_grouped_mm")
+    grouped = grouped_calls(x, dy, W, offsets, dt)
     cases = {
         # op: (K, N, {impl: fn}); M = R for all of them
         "forward": (H, F, {
-            "anyexperts": lambda: ops.grouped_mm(x, Wt, offsets),
-            "torch_grouped_mm": (lambda: torch._grouped_mm(x, Wt, offs=offsets, out_dtype=dt))
-            if has_torch_gmm else None,
+            "anyexperts": grouped["forward"][0],
+            "torch_grouped_mm": grouped["forward"][1],
             "cublas_loop": loop_fwd,
             "dense_cublas": lambda: torch.mm(x, w0t),
         }),
         "dgrad": (F, H, {
-            "anyexperts": lambda: ops.grouped_mm(dy, W, offsets),
-            "torch_grouped_mm": (lambda: torch._grouped_mm(dy, W, offs=offsets, out_dtype=dt))
-            if has_torch_gmm else None,
+            "anyexperts": grouped["dgrad"][0],
+            "torch_grouped_mm": grouped["dgrad"][1],
             "cublas_loop": loop_dgrad,
             "dense_cublas": lambda: torch.mm(dy, w0),
         }),
         "wgrad": (H, F, {
-            "anyexperts": lambda: ops.grouped_mm_wgrad(x, dy, offsets),
-            "torch_grouped_mm": (lambda: torch._grouped_mm(x.t(), dy, offs=offsets, out_dtype=dt))
-            if has_torch_gmm else None,
+            "anyexperts": grouped["wgrad"][0],
+            "torch_grouped_mm": grouped["wgrad"][1],
             "cublas_loop": loop_wgrad,
             "dense_cublas": lambda: torch.mm(x.t(), dy),
         }),
