@@ -15,7 +15,7 @@ The GEMMs are those of one FFN projection with nn.Linear weights W[E,F,H]:
   dgrad    dx[R,H]   = dy[R,F] @ W[e]     b = W, a row-major B
   wgrad    dW^T[E,H,F] = x_e^T @ dy_e     (variable-K grouped GEMM)
 TFLOP/s = 2 * R * K * N / time; each time is the median of CUDA-event timings after
-warm-up, the implementations of a case timed in turns (interleaved_ms). Rows carry
+warm-up, the implementations of a case timed in turns (timing.interleaved_ms). Rows carry
 speedup_vs_torch_grouped_mm (torch time / this time) and, for ours, fraction_of_dense (our
 TFLOP/s over the dense GEMM's).
 
@@ -36,8 +36,6 @@ import datetime
 import json
 import math
 import os
-import random
-import statistics
 import sys
 
 import torch
@@ -50,6 +48,7 @@ except ImportError:  # run from a source checkout without PYTHONPATH=python
 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 from provenance import code_commit  # noqa: E402
+from timing import error_text, interleaved_ms  # noqa: E402
 
 ops = torch.ops.anyexperts
 
@@ -126,51 +125,6 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
         rest -= add
     assert sum(sizes) == R and max(sizes) <= T, (sizes, R, T)
     return sizes
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-
-
-def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int):
-    """Median CUDA-event time (ms) of each callable in `fns` (name -> fn), timed in turns:
-    each of `rounds` rounds times `iters` calls of every callable, in an order shuffled
-    anew each round (seeded). A GPU's clock follows its power and temperature over a run
-    (torch._grouped_mm's olmoe balanced forward took 0.792 ms in one sequentially timed
-    sweep and 0.885 ms in another on the same H100), so timing one callable after another
-    would hand the drift to whichever ran in the cooler or hotter stretch; in turns, every
-    callable sees the same stretches. Shuffled rather than rotated, so that no callable
-    always follows the same one (a power-hungry predecessor slows the clock for the next).
-    Returns ({name: ms}, {name: error}): a callable that raises, in warm-up or later, gets
-    an error and no time (a baseline failing is a result, not a crash)."""
-    errors, events = {}, {}
-    for name, fn in fns.items():
-        try:
-            for _ in range(max(warmup, 1)):   # at least one untimed call: it may fail
-                fn()
-            torch.cuda.synchronize()
-            events[name] = []
-        except Exception as exc:  # noqa: BLE001
-            errors[name] = _error(exc)
-            torch.cuda.synchronize()
-    order = random.Random(0)
-    for _ in range(rounds):
-        for name in order.sample(list(events), len(events)):
-            try:
-                for _ in range(iters):
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fns[name]()
-                    end.record()
-                    events[name].append((start, end))
-            except Exception as exc:  # noqa: BLE001
-                errors[name] = _error(exc)
-                del events[name]
-    torch.cuda.synchronize()
-    times = {name: statistics.median(s.elapsed_time(e) for s, e in ev)
-             for name, ev in events.items()}
-    return times, errors
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -393,7 +347,7 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
             try:
                 diff = rel_diff(fn(), expect)
             except Exception as exc:  # noqa: BLE001  (a failing configuration is a result)
-                row["error"] = _error(exc)
+                row["error"] = error_text(exc)
                 torch.cuda.synchronize()
                 continue
             row["rel_diff_vs_torch_grouped_mm"] = diff

@@ -22,7 +22,9 @@ Each in two modes: ``fwd`` (forward under torch.no_grad) and ``fwd_bwd`` (forwar
 autograd + backward of the output and the auxiliary loss; the input needs grad, as inside a
 model). Time: median over repetitions after warm-up (CUDA events; CPU: perf_counter). Peak
 memory: torch.cuda.max_memory_allocated over one step (absolute, and above what was allocated
-before the step); null on CPU.
+before the step); null on CPU. The headline ratio, AnyExperts at the lowest Avg-K against
+static top-K, is also measured with the two timed in turns (``*_in_turns`` fields,
+bench/timing.py), which a drift of the GPU's clock during the run reaches alike.
 
 For the layer rows, the two grouped GEMMs and the SwiGLU activation are also timed alone, on
 the very rows that layer's permute produced (same ops, same run), and
@@ -77,6 +79,7 @@ if HERE not in sys.path:
     sys.path.append(HERE)  # appended, never first: bench/profile.py must not shadow stdlib
 from baselines import EagerLoopMoE, GroupedMMMoE, Weight0Backend  # noqa: E402
 from provenance import code_commit  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 # ---- shapes ---------------------------------------------------------------------------
 
@@ -441,6 +444,41 @@ def time_fn(fn: Callable, device, *, warmup: int, budget_s: float, min_reps: int
                 warmup=warmup)
 
 
+def forward_step(call: Callable, x) -> Callable:
+    """call(x) under no_grad."""
+    def fwd():
+        with torch.no_grad():
+            return call(x)
+    return fwd
+
+
+def training_step(call: Callable, params, x, dy, probe_factory=None):
+    """(step, clear): step() runs call on a copy of x that needs grad, as inside a model,
+    and backward of the output (cotangent dy) and of the auxiliary loss, with the grads of
+    x and of params reset first; clear() drops the grads it leaves."""
+    probe_factory = probe_factory or contextlib.nullcontext
+    xr = x.detach().clone().requires_grad_(True)
+    plist = [p for p in params if p.requires_grad]
+
+    def clear():
+        xr.grad = None
+        for p in plist:
+            p.grad = None
+
+    def step():
+        clear()
+        with probe_factory() as pr:
+            out, loss = call(xr)
+            roots, grads = [out], [dy]
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                roots.append(loss)
+                grads.append(torch.ones_like(loss))
+            if isinstance(pr, LayerProbe):
+                pr.mark_backward(roots, xr)
+            torch.autograd.backward(roots, grads)
+    return step, clear
+
+
 def peak_memory(fn: Callable, device) -> dict:
     if device.type != "cuda":
         return dict(peak_mem_bytes=None, peak_mem_extra_bytes=None)
@@ -512,9 +550,11 @@ class Suite:
         if args.quick:
             self.warmup, self.min_reps, self.max_reps = 1, 2, 3
             self.budget, self.sub_budget = 0.05, 0.02
+            self.rounds, self.iters = 2, 1
         else:
             self.warmup, self.min_reps, self.max_reps = args.warmup, args.min_reps, args.max_reps
             self.budget, self.sub_budget = args.budget_s, args.budget_s / 2
+            self.rounds, self.iters = args.rounds, args.iters
 
     # -- helpers --
     def out_of_time(self) -> bool:
@@ -556,40 +596,45 @@ class Suite:
     def bench_model(self, base: dict, call: Callable, params, x, dy, *, slow=False,
                     probe_factory=None) -> list[dict]:
         """call(x) -> (out, loss). Returns the fwd and fwd_bwd rows."""
-        probe_factory = probe_factory or (lambda: contextlib.nullcontext())
-
         def measure_fwd(row):
-            def fwd():
-                with torch.no_grad():
-                    return call(x)
-            with probe_factory():
+            fwd = forward_step(call, x)
+            with (probe_factory or contextlib.nullcontext)():
                 row.update(self.measure(fwd, slow=slow))
                 row.update(peak_memory(fwd, self.device))
 
         def measure_fwd_bwd(row):
-            xr = x.detach().clone().requires_grad_(True)
-            plist = [p for p in params if p.requires_grad]
-
-            def step():
-                xr.grad = None
-                for p in plist:
-                    p.grad = None
-                with probe_factory() as pr:
-                    out, loss = call(xr)
-                    roots, grads = [out], [dy]
-                    if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                        roots.append(loss)
-                        grads.append(torch.ones_like(loss))
-                    if isinstance(pr, LayerProbe):
-                        pr.mark_backward(roots, xr)
-                    torch.autograd.backward(roots, grads)
+            step, clear = training_step(call, params, x, dy, probe_factory)
             row.update(self.measure(step, slow=slow))
             row.update(peak_memory(step, self.device))
-            xr.grad = None
-            for p in plist:
-                p.grad = None
+            clear()
 
         return [self._row(base, "fwd", measure_fwd), self._row(base, "fwd_bwd", measure_fwd_bwd)]
+
+    def in_turns(self, rows: list[dict], static, layer, x, dy, layer_call) -> None:
+        """The headline ratio measured once more, the static top-K layer and `layer` (at
+        its current budget) timed in turns (timing.interleaved_ms), into `rows` (layer's fwd
+        and fwd_bwd rows): time_ratio_vs_static_topk_in_turns. One after the other, as the
+        other rows are timed, a change of the GPU's clock between the two reaches one of
+        them only (about +-0.02 on the ratio between runs)."""
+        steps = {"fwd": lambda m: forward_step(layer_call(m), x),
+                 "fwd_bwd": lambda m: training_step(layer_call(m), list(m.parameters()), x,
+                                                    dy)[0]}
+        for r in rows:
+            if r.get("error"):
+                continue
+            fns = {"static": steps[r["mode"]](static), "layer": steps[r["mode"]](layer)}
+            times, errors = interleaved_ms(fns, self.warmup, self.rounds, self.iters,
+                                           self.device)
+            if errors:
+                r["in_turns_error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
+                continue
+            r.update(in_turns_ms=times["layer"], in_turns_static_ms=times["static"],
+                     in_turns_rounds=self.rounds, in_turns_iters=self.iters,
+                     time_ratio_vs_static_topk_in_turns=times["layer"] / times["static"])
+        for p in (*static.parameters(), *layer.parameters()):
+            p.grad = None
+        _free(self.device)
+        self.write()
 
     def expert_compute(self, layer, x, dy_rows_seed: int, inner=None) -> dict:
         """Times gemm1 + activation + gemm2 alone on the rows the layer's permute produced
@@ -718,6 +763,8 @@ class Suite:
                 continue
             if "anyexperts" in wanted:
                 any_rows = self.layer_rows(b, layer, x, dy, layer_call(layer))
+                if "static" in wanted and target == min(plan["targets"]):
+                    self.in_turns(any_rows, static, layer, x, dy, layer_call)
             else:
                 any_rows = []
             if "compiled" in wanted and target == min(plan["targets"]):
@@ -937,9 +984,13 @@ def summary(rows: list[dict], shapes: list[dict]) -> dict:
         ent = {}
         r = pick("anyexperts", "fwd_bwd", lo)
         ent["ratio_lowest_avgk_vs_static_fwd_bwd"] = r and r["time_ratio_vs_static_topk"]
+        ent["ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"] = r and r.get(
+            "time_ratio_vs_static_topk_in_turns")
         ent["ratio_lowest_avgk_vs_static_fwd_bwd_target"] = 0.70
         r = pick("anyexperts", "fwd", lo)
         ent["ratio_lowest_avgk_vs_static_fwd"] = r and r["time_ratio_vs_static_topk"]
+        ent["ratio_lowest_avgk_vs_static_fwd_in_turns"] = r and r.get(
+            "time_ratio_vs_static_topk_in_turns")
         ov = {}
         for mode in ("fwd", "fwd_bwd"):
             vals = [x.get("routing_overhead_frac") for x in rows
@@ -999,7 +1050,10 @@ def write_results(path: str, meta: dict, shapes: list[dict], rows: list[dict]) -
     doc.update(
         benchmark="anyexperts_ops layer (bench/bench_layer.py)",
         modes=MODES_DOC,
-        timing="median of reps after warm-up; CUDA events on GPU, perf_counter on CPU",
+        timing="median of reps after warm-up; CUDA events on GPU, perf_counter on CPU. "
+               "The *_in_turns fields (AnyExperts at the lowest Avg-K): that layer and the "
+               "static top-K layer timed again in turns, in_turns_rounds rounds of "
+               "in_turns_iters steps each, order shuffled per round (bench/timing.py)",
         memory="torch.cuda.max_memory_allocated over one step (peak_mem_bytes) and above "
                "the memory allocated before it (peak_mem_extra_bytes); null on CPU",
         routing_overhead="layer time minus (gemm1 + activation + gemm2) timed alone on the "
@@ -1088,7 +1142,8 @@ def markdown(doc: dict) -> str:
     summ = doc.get("summary") or {}
     if summ:
         lines += ["## Targets (issue 6)", "",
-                  "| shape | AnyExperts lowest Avg-K / static, fwd+bwd (target <= 0.70) | "
+                  "| shape | AnyExperts lowest Avg-K / static, fwd+bwd (target <= 0.70); "
+                  "timed in turns | "
                   "max routing overhead fwd / fwd+bwd (target <= 15% at E=128) | "
                   "speedup vs eager, fwd+bwd, Avg-K = top-k (target >= 3x) | "
                   "under torch.compile: ratio / overhead fwd / fwd+bwd |",
@@ -1099,7 +1154,8 @@ def markdown(doc: dict) -> str:
         for name, e in summ.items():
             ov = e.get("max_routing_overhead_frac_anyexperts") or {}
             oc = e.get("routing_overhead_frac_compiled") or {}
-            ratio = _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd"), "{:.2f}")
+            ratio = (_fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd"), "{:.2f}") + "; " +
+                     _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"), "{:.2f}"))
             ratio_c = _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_compiled"), "{:.2f}")
             lines.append(f"| {name} | {ratio} | {pct(ov.get('fwd'))} / {pct(ov.get('fwd_bwd'))}"
                          f" | {_fmt(e.get('speedup_vs_eager_fwd_bwd_at_avgk_topk'), '{:.2f}x')}"
@@ -1153,6 +1209,10 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument("--max-reps", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=0.4,
                    help="target seconds of timed repetitions per measurement")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="rounds of the in-turns timing (static top-K and AnyExperts at the "
+                        "lowest Avg-K, each --iters steps per round, in a shuffled order)")
+    p.add_argument("--iters", type=int, default=3, help="steps per round in turns")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="skip what remains (recorded as errors) after this many seconds")
     p.add_argument("--seed", type=int, default=0)

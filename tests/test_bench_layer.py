@@ -102,12 +102,20 @@ def test_quick_suite_schema(quick_results):
                 assert r["check_rel_err"] < 1e-6, (r["name"], r["check_rel_err"])
                 if r["variant"] == "anyexperts_compiled":
                     assert r["target_avg_k"] == min(s["avg_k_targets"])
+            in_turns = r["variant"] == "anyexperts" and r["target_avg_k"] == min(
+                s["avg_k_targets"])   # the headline ratio, timed again in turns
+            assert (r.get("time_ratio_vs_static_topk_in_turns") is not None) == in_turns, (
+                r["name"], r.get("in_turns_error"))
+            if in_turns:
+                assert r["time_ratio_vs_static_topk_in_turns"] == pytest.approx(
+                    r["in_turns_ms"] / r["in_turns_static_ms"])
             if r["variant"] == "weight0_all":   # every slot up to K_max computed
                 assert r["gemm_rows_per_token"] == pytest.approx(s["k_max"])
             if r.get("check_rel_err") is not None:   # fp32: baselines == the layer
                 assert r["check_rel_err"] < 1e-4, (r["name"], r["check_rel_err"])
     for name, e in doc["summary"].items():
         assert e["ratio_lowest_avgk_vs_static_fwd_bwd_compiled"] > 0, name
+        assert e["ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"] > 0, name
         assert set(e["routing_overhead_frac_compiled"]) == {"fwd", "fwd_bwd"}, name
 
 

@@ -1,0 +1,71 @@
+"""bench/timing.py's interleaved_ms on simulated clocks (CUDA events and perf_counter): it
+times every callable in turns, in an order that changes between rounds, and records a
+callable that fails (at once or after warm-up) instead of stopping. No real timing."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "bench"))
+import timing  # noqa: E402
+
+CLOCK = {"ms": 0.0}   # advanced by the simulated calls
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the CPU: record() reads the simulated clock."""
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        self.t = CLOCK["ms"]
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+@pytest.fixture(params=["cuda", "cpu"])
+def clock(request, monkeypatch):
+    CLOCK["ms"] = 0.0
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    else:
+        monkeypatch.setattr(timing.time, "perf_counter", lambda: CLOCK["ms"] / 1e3)
+    return request.param
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_interleaved_ms_times_in_turns_and_survives_failures(clock, warmup):
+    calls, order = {"fails_late": 0}, []
+
+    def timed(name, cost):
+        def fn():
+            order.append(name)
+            CLOCK["ms"] += cost
+        return fn
+
+    def fails_late():
+        calls["fails_late"] += 1
+        if calls["fails_late"] > max(warmup, 1) + 2:   # after warm-up, within the rounds
+            raise RuntimeError("late failure\nsecond line")
+        CLOCK["ms"] += 5.0
+
+    def fails_at_once():
+        raise ValueError("broken")
+
+    fns = {"a": timed("a", 1.0), "b": timed("b", 3.0), "fails_late": fails_late,
+           "fails_at_once": fails_at_once}
+    times, errors = timing.interleaved_ms(fns, warmup, rounds=6, iters=2, device=clock)
+    assert times == pytest.approx({"a": 1.0, "b": 3.0})
+    assert errors == {"fails_late": "RuntimeError: late failure",
+                      "fails_at_once": "ValueError: broken"}
+    timed_order = order[2 * max(warmup, 1):]            # after each one's warm-up calls
+    assert len(timed_order) == 6 * 2 * 2
+    firsts = {timed_order[4 * r] for r in range(6)}      # the order changes between rounds
+    assert firsts == {"a", "b"}
