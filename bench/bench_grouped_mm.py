@@ -8,7 +8,8 @@ Layer shapes (E experts, hidden H, FFN width F, T tokens, top-k; R = T*k routed 
   olmoe      E=64  H=2048 F=1024  T=16384 top-8
   mixtral    E=8   H=4096 F=14336 T=8192  top-2
 each with balanced loads (R/E rows per expert) and Zipf-skewed loads (expert of rank r gets
-a share ~ 1/r, capped at T rows since a token picks an expert at most once).
+a share ~ 1/r, capped at T rows since a token picks an expert at most once). Then the
+serving shapes (SERVING_SHAPES): qwen3_moe and mixtral at T = 64 and T = 1024.
 
 The GEMMs are those of one FFN projection with nn.Linear weights W[E,F,H]:
   forward  out[R,F]  = x[R,H]  @ W[e]^T   b = W.transpose(1,2), a column-major B
@@ -56,6 +57,15 @@ SHAPES = [  # name, E, H, F, T, top_k
     ("qwen3_moe", 128, 2048, 768, 32768, 8),
     ("olmoe", 64, 2048, 1024, 16384, 8),
     ("mixtral", 8, 4096, 14336, 8192, 2),
+]
+# Small batches as in serving (decode: T = 64; a short prefill: T = 1024): few rows per
+# expert, some experts empty under Zipf, where the prepare kernel, the launch and the
+# short-group schedule weigh. In the default run after SHAPES; the sweep takes them by --shapes.
+SERVING_SHAPES = [
+    ("qwen3_moe_t64", 128, 2048, 768, 64, 8),
+    ("qwen3_moe_t1024", 128, 2048, 768, 1024, 8),
+    ("mixtral_t64", 8, 4096, 14336, 64, 2),
+    ("mixtral_t1024", 8, 4096, 14336, 1024, 2),
 ]
 QUICK_SHAPES = [
     ("quick_fine", 16, 256, 128, 1024, 4),
@@ -589,7 +599,9 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=None, help="timed calls per round")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds; each times --iters calls of every implementation in turn")
-    p.add_argument("--shapes", default=None, help="comma-separated subset of shape names")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated shape names (default: the layer shapes, then the "
+                        "serving shapes; --sweep: the layer shapes; --quick: the quick ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true",
                    help="SM90 only: time grouped_mm under every schedule x raster x swizzle "
@@ -604,6 +616,17 @@ def main() -> int:
     if args.out is None:
         args.out = os.path.join(here, "results",
                                 "grouped_mm_sweep.json" if args.sweep else "grouped_mm.json")
+    if args.quick:
+        shapes = QUICK_SHAPES
+    else:
+        shapes = SHAPES if args.sweep else SHAPES + SERVING_SHAPES
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        known = {s[0]: s for s in QUICK_SHAPES + SHAPES + SERVING_SHAPES}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            p.error(f"unknown shape(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+        shapes = [known[w] for w in wanted]
     if args.sweep and not torch.cuda.is_available():
         print(f"bench_grouped_mm --sweep: {sweep_unavailable()}", file=sys.stderr)
         return 2
@@ -615,10 +638,6 @@ def main() -> int:
     args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 20)
     if min(args.iters, args.rounds) < 1 or args.warmup < 0:
         p.error("--iters and --rounds must be at least 1, --warmup at least 0")
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.shapes:
-        wanted = set(args.shapes.split(","))
-        shapes = [s for s in shapes if s[0] in wanted]
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     meta = {

@@ -34,14 +34,15 @@ def kernel_times(fn, calls: int) -> list[tuple[str, float]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="qwen3_moe", choices=[s[0] for s in bg.SHAPES])
+    shapes = bg.SHAPES + bg.SERVING_SHAPES
+    p.add_argument("--shape", default="qwen3_moe", choices=[s[0] for s in shapes])
     p.add_argument("--load", default="balanced", choices=bg.LOADS)
     p.add_argument("--calls", type=int, default=3)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("profile_grouped_mm: needs a CUDA GPU", file=sys.stderr)
         return 2
-    name, E, H, F, T, k = next(s for s in bg.SHAPES if s[0] == args.shape)
+    name, E, H, F, T, k = next(s for s in shapes if s[0] == args.shape)
     sizes = bg.group_sizes(E, T, k, args.load, torch.Generator().manual_seed(0))
     R, dt = sum(sizes), torch.bfloat16
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32).cuda()

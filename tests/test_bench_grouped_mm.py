@@ -78,6 +78,23 @@ def test_sweep_rejects_unknown_names():
     assert p.returncode == 2 and "cooperative_64x64" in p.stderr, p.stderr
 
 
+def test_group_sizes_fill_every_shape():
+    bench = _load_bench()
+    gen = torch.Generator().manual_seed(0)
+    for name, E, H, F, T, k in bench.SHAPES + bench.SERVING_SHAPES + bench.QUICK_SHAPES:
+        for load in bench.LOADS:
+            sizes = bench.group_sizes(E, T, k, load, gen)
+            assert len(sizes) == E and sum(sizes) == T * k, (name, load)
+            assert 0 <= min(sizes) and max(sizes) <= T, (name, load)   # a token: once per expert
+            if load == "balanced":
+                assert max(sizes) - min(sizes) <= 1, name
+
+
+def test_unknown_shape_is_refused():
+    p = _run(["--shapes", "qwen3_moe,nope"], timeout=240)
+    assert p.returncode == 2 and "nope" in p.stderr, (p.returncode, p.stderr)
+
+
 def test_sweep_summary_and_markdown():
     # The reporting half of the sweep, on made-up timings (runs on any machine).
     bench = _load_bench()
