@@ -118,6 +118,7 @@ SHAPES = [
     (40000, 64, 64, 256),     # pingpong 128x128, G = 256
     (2100, 1088, 136, 3),     # cooperative (K > 1024), K and N past a tile edge
     (5000, 1536, 512, 8),     # cooperative, several tiles per group
+    (8192, 8, 16, 5000),      # pingpong 64x256, G > 4096: offsets read from global memory
 ]
 
 
@@ -506,6 +507,7 @@ WGRAD_SHAPES = [
     (517, 72, 264, 6),
     (3000, 256, 128, 12),
     (8192, 64, 64, 256),
+    (8192, 8, 16, 5000),      # G > 4096 (offsets from global memory), most groups empty
 ]
 
 
