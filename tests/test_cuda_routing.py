@@ -275,6 +275,7 @@ def test_permute_edge_cases(gen):
         for align in (1, 16):
             _check_permute(xx, ids, N, align, f"[{name}] align={align}")
     _check_permute(x, _ids(gen, T, K, 1), 1, 8, "[N=1]")
+    _check_permute(x, _ids(gen, T, K, 1), 0, 8, "[N=0: no slot is live]")
 
 
 @_needs_cpu("permute", "unpermute")

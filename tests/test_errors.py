@@ -135,7 +135,7 @@ CASES = {
     "permute-ids-dtype": (perm(ids=z(4, 2, dtype=I64)), "permute: ids must be int32"),
     "permute-ids-rank": (perm(ids=z(4, dtype=I32)), "permute: ids must be 2-D, got 1-D"),
     "permute-ids-rows": (perm(ids=z(5, 2, dtype=I32)), "permute: ids must have one row per token"),
-    "permute-num-real": (perm(num_real=0), "permute: num_real must be >= 1, got 0"),
+    "permute-num-real": (perm(num_real=-1), "permute: num_real must be >= 0, got -1"),
     "permute-align": (perm(align=0), "permute: align must be >= 1, got 0"),
     "permute-R-int32": (perm(num_real=2, align=2**30 + 1), "must fit in int32"),
     # num_real * (align - 1) overflows int64 (a wrapped R must not size the output)

@@ -37,6 +37,7 @@ def _permute_samples():
         yield f"align{align}", (x, random_ids(10, 3, 5), 5, align)
     yield "bf16", (torch.randn(4, 8, dtype=torch.bfloat16), random_ids(4, 2, 3), 3, 16)
     yield "T0", (torch.randn(0, 4), torch.zeros(0, 3, dtype=torch.int32), 2, 4)
+    yield "no-real-experts", (torch.randn(5, 4, requires_grad=True), random_ids(5, 2, 1), 0, 4)
 
 
 def _grouped_mm_samples():

@@ -27,7 +27,7 @@ def check_vs_reference(x, ids, num_real, align, what=""):
 # ---- parity with the reference ----------------------------------------------------------
 
 # (T, K, num_real)
-SHAPES = [(33, 4, 6), (1, 3, 4), (0, 4, 5), (20, 2, 1), (12, 0, 3), (9, 7, 12)]
+SHAPES = [(33, 4, 6), (1, 3, 4), (0, 4, 5), (20, 2, 1), (12, 0, 3), (9, 7, 12), (8, 3, 0)]
 
 
 @pytest.mark.parametrize("align", ALIGNS)

@@ -193,6 +193,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x,
   at::Tensor x_perm = at::empty({rows, hidden}, xc.options());
   at::Tensor offsets = at::empty({num_real}, i32);
   at::Tensor slot_rows = at::empty({tokens, k}, i32);
+  if (experts == 0) {  // no slot is live and every row is tail; a 0-block scan cannot launch
+    slot_rows.fill_(-1);
+    if (zero_tail) x_perm.zero_();
+    return {x_perm, offsets, slot_rows};
+  }
   at::Tensor running = at::zeros({num_real, chunks}, i32);
   at::Tensor totals = at::empty({num_real}, i32);
   at::Tensor starts = at::empty({num_real}, i32);

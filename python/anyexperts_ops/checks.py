@@ -120,11 +120,12 @@ def permute(x, ids, num_real, align) -> None:
     _same_device(x, ids, op, "x", "ids")
     _check(ids.shape[0] == x.shape[0], op,
            lambda: f"ids must have one row per token of x ({x.shape[0]}), got {ids.shape[0]}")
-    _check(num_real >= 1, op, lambda: f"num_real must be >= 1, got {num_real}")
+    _check(num_real >= 0, op, lambda: f"num_real must be >= 0, got {num_real}")
     _check(num_real <= INT32_MAX, op, lambda: f"num_real must fit in int32, got {num_real}")
     _check(align >= 1, op, lambda: f"align must be >= 1, got {align}")
     slots = ids.shape[0] * ids.shape[1]
-    _check((slots <= INT32_MAX) & (align - 1 <= (INT32_MAX - slots) // num_real), op,
+    room_per_expert = (INT32_MAX - slots) // max(num_real, 1)
+    _check((slots <= INT32_MAX) & ((num_real == 0) | (align - 1 <= room_per_expert)), op,
            lambda: f"R = T*K + num_real*(align-1) must fit in int32 (slot_rows are int32); "
                    f"got T*K = {slots}, num_real = {num_real}, align = {align}")
 

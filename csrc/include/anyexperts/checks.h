@@ -105,13 +105,15 @@ inline void check_permute(const at::Tensor& x, const at::Tensor& ids, int64_t nu
   check_same_device(x, ids, op, "x", "ids");
   TORCH_CHECK(ids.size(0) == x.size(0), op, ": ids must have one row per token of x (",
               x.size(0), "), got ", ids.size(0));
-  TORCH_CHECK(num_real >= 1, op, ": num_real must be >= 1, got ", num_real);
+  TORCH_CHECK(num_real >= 0, op, ": num_real must be >= 0, got ", num_real);
   TORCH_CHECK(num_real <= kInt32Max, op, ": num_real must fit in int32, got ", num_real);
   TORCH_CHECK(align >= 1, op, ": align must be >= 1, got ", align);
   // R = T*K + num_real*(align-1) <= 2^31 - 1, tested without forming the product, which
   // can overflow int64 for a huge align.
   const int64_t slots = ids.numel();
-  TORCH_CHECK(slots <= kInt32Max && align - 1 <= (kInt32Max - slots) / num_real, op,
+  const bool fits = slots <= kInt32Max &&
+                    (num_real == 0 || align - 1 <= (kInt32Max - slots) / num_real);
+  TORCH_CHECK(fits, op,
               ": R = T*K + num_real*(align-1) must fit in int32 (slot_rows are int32); got T*K = ",
               slots, ", num_real = ", num_real, ", align = ", align);
 }
