@@ -74,6 +74,24 @@ def test_nan_behind_unused_sources_stays_out():
     assert torch.isfinite(gw).all() and torch.isfinite(gx[~no_copy]).all()
 
 
+def test_nan_grad_reaches_only_copied_x():
+    """grad_x[t] is exactly 0 for a token without a copy slot, even where grad[t] is NaN
+    (x[t] took no part), and NaN where a copy slot carries the NaN: as reference autograd."""
+    out, x, ids, w, n, src, cv = virtual_inputs(16, 5, 4, 3)
+    codes = reference.virtual_codes(ids, n, src, cv.shape[0])
+    copied = (codes == reference.VIRTUAL_COPY).any(dim=1)
+    assert copied.any() and (~copied).any()
+    nan_rows = torch.arange(16) % 2 == 0
+    nan_rows[copied.nonzero()[0]] = nan_rows[(~copied).nonzero()[0]] = True  # one of each
+    g = torch.where(nan_rows.unsqueeze(1), float("nan"), torch.randn_like(out))
+    gx, _ = BWD(g, x, ids, w, n, src, cv)
+    xr = x.clone().requires_grad_()
+    reference.add_virtual(out, xr, ids, w, n, src, cv).backward(g)
+    assert_close(gx, xr.grad, "grad_x", equal_nan=True)
+    assert (gx[~copied] == 0).all()
+    assert torch.isnan(gx[copied & nan_rows]).all()
+
+
 def test_gradcheck_fp64():
     out, x, ids, w, n, src, cv = virtual_inputs(7, 5, 4, 3, dtype=torch.float64)
     leaves = [t.requires_grad_() for t in (out, x, w, cv)]

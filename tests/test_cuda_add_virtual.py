@@ -63,6 +63,16 @@ def test_odd_pointer_offset_takes_the_scalar_path():
         assert_close(got.cpu(), want, what, rtol=1e-4)
 
 
+def test_nan_grad_matches_cpu():
+    """A NaN grad row reaches grad_x only through a copy slot: CUDA = CPU bit for bit."""
+    args = virtual_inputs(64, 40, 6, 4)
+    g = torch.randn(64, 40)
+    g[::3] = float("nan")
+    got, _ = BWD(g.cuda(), *_cuda(args)[1:])
+    want, _ = BWD(g, *args[1:])
+    assert_exact(got.cpu(), want, "grad_x", equal_nan=True)
+
+
 def test_autograd_matches_reference_autograd():
     args = virtual_inputs(200, 96, 8, 6, dtype=torch.bfloat16)
     grads = []

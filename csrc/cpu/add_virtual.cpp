@@ -62,7 +62,9 @@ at::Tensor add_virtual_cpu(const at::Tensor& out_in, const at::Tensor& x_in,
   return result;
 }
 
-// grad_x[t] = (sum of the token's copy weights) * grad[t]; grad_weights[t, j] = grad[t] .
+// grad_x[t] = (sum of the token's copy weights) * grad[t], and exactly 0 for a token without
+// a copy slot (x[t] took no part: a NaN in grad[t] does not reach it, as in the reference's
+// masked autograd); grad_weights[t, j] = grad[t] .
 // (the row slot j adds) for a slot with a source, else 0. The gradient for out is grad
 // itself and the one for const_vectors a product over tokens: both are left to autograd.
 std::tuple<at::Tensor, at::Tensor> add_virtual_backward_cpu(
@@ -97,11 +99,15 @@ std::tuple<at::Tensor, at::Tensor> add_virtual_backward_cpu(
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* gt = g + t * H;
         Acc coef = 0;
+        bool copied = false;
         for (int64_t j = 0; j < K; ++j) {
           const int32_t code = virtual_source(id[t * K + j], num_real, src, M, C);
           Acc dot = 0;
           if (code != kVirtualZero) {
-            if (code == kVirtualCopy) coef += w[t * K + j];
+            if (code == kVirtualCopy) {
+              coef += w[t * K + j];
+              copied = true;
+            }
             const scalar_t* row = source_row(code, xp + t * H, vp, H);
             for (int64_t h = 0; h < H; ++h)
               dot += static_cast<Acc>(gt[h]) * static_cast<Acc>(row[h]);
@@ -109,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> add_virtual_backward_cpu(
           gw[t * K + j] = dot;
         }
         for (int64_t h = 0; h < H; ++h)
-          gx[t * H + h] = static_cast<scalar_t>(coef * static_cast<Acc>(gt[h]));
+          gx[t * H + h] = copied ? static_cast<scalar_t>(coef * static_cast<Acc>(gt[h])) : scalar_t(0);
       }
     });
   });

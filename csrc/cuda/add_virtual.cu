@@ -7,7 +7,8 @@
 // the warp first checks the token's slots (one lane per slot) and, finding none, copies the
 // row. Otherwise each vector sums its sources over j ascending in fp32 (fp64 for fp64), the
 // products unfused as in the CPU kernel, so both give the same bits. The backward writes
-// grad_x = (sum of the token's copy weights, in slot order) * grad and, per slot with a
+// grad_x = (sum of the token's copy weights, in slot order) * grad (0 without a copy slot,
+// as in the reference, whose masks keep a NaN in grad out of it) and, per slot with a
 // source, grad_weights = grad[t] . source row as one warp reduction; no atomics, so it is
 // deterministic.
 #include <ATen/Dispatch.h>
@@ -110,8 +111,12 @@ __global__ void __launch_bounds__(kThreads)
     const V* g = reinterpret_cast<const V*>(grad) + t * vecs;
     // The token's copy weights summed by every lane in slot order, as the CPU kernel does.
     acc_t coef = 0;
+    bool copied = false;  // without a copy slot grad_x[t] is 0, even where grad[t] is NaN
     for (int64_t j = 0; j < src.k; ++j) {
-      if (src.code(t, j) == kVirtualCopy) coef += src.weights[t * src.k + j];
+      if (src.code(t, j) == kVirtualCopy) {
+        coef += src.weights[t * src.k + j];
+        copied = true;
+      }
     }
     for (int64_t j = lane; j < src.k; j += kWarp) {
       if (src.code(t, j) == kVirtualZero) grad_w[t * src.k + j] = 0;  // the others: below
@@ -121,7 +126,9 @@ __global__ void __launch_bounds__(kThreads)
       const V gv = g[v];
       V out;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) out.v[e] = static_cast<scalar_t>(coef * static_cast<acc_t>(gv.v[e]));
+      for (int e = 0; e < kVec; ++e) {
+        out.v[e] = copied ? static_cast<scalar_t>(coef * static_cast<acc_t>(gv.v[e])) : scalar_t(0);
+      }
       gx[v] = out;
     }
     if (!src.any(t, lane)) continue;
