@@ -151,6 +151,9 @@ def _edge_topk_cases(gen):
     nan[torch.rand(T, E, generator=gen) < 0.2] = float("nan")
     nan[0] = float("nan")
     nan[1, :3] = float("-inf")
+    nan_slots = full.clone()
+    nan[2, 0] = float("nan")
+    nan_slots[2] = 0  # a NaN row that takes no slot
     yield "T=0", torch.zeros(0, E), torch.zeros(0, dtype=torch.int32), \
         torch.zeros(0, dtype=torch.int32), k, N
     yield "k_max=0", _logits(gen, T, E, torch.float32), full * 0, full * 0, 0, N
@@ -161,7 +164,7 @@ def _edge_topk_cases(gen):
     yield "no real candidates", _logits(gen, T, E, torch.float32), full, full // 2, k, 0
     yield "no virtual candidates", _logits(gen, T, N, torch.float32), full, full, k, N
     yield "all ties", torch.zeros(T, E), full, full // 2, k, N
-    yield "NaN and -inf", nan, full, full // 3, k, N
+    yield "NaN and -inf", nan, nan_slots, full // 3, k, N
     yield "E=1", torch.randn(T, 1, generator=gen), full, full, k, 1
     yield "k_max>E, general path", _logits(gen, T, E, torch.float32), full * 9, full, 40, N
 
@@ -173,6 +176,21 @@ def test_topk_edge_cases(gen, norm):
         rids, rw = _ref_topk(logits, slots, mv, k, N, norm)
         _exact(ids, rids, f"ids [{name}]")
         _close(w, rw, f"weights [{name}]")
+
+
+@_needs_cpu("segmented_topk_backward")
+@pytest.mark.parametrize("norm", NORMS)
+def test_topk_backward_edge_cases_match_cpu(gen, norm):
+    """Backward on the edge cases (NaN rows with and without slots among them): CUDA = CPU,
+    a NaN gradient only in the rows with a NaN logit."""
+    for name, logits, slots, mv, k, N in _edge_topk_cases(gen):
+        ids, _ = ops.segmented_topk(logits, slots, mv, k, N, norm)
+        gw = torch.randn(logits.shape[0], k, generator=gen)
+        got = _poisoned(ops.segmented_topk_backward, *_cuda(gw, logits, ids), N, norm)
+        want = ops.segmented_topk_backward(gw, logits, ids, N, norm)
+        _close(got, want, f"grad_logits [{name}]")
+        nan_rows = torch.isnan(logits).any(dim=1)
+        assert not torch.isnan(got.cpu()[~nan_rows]).any(), f"NaN outside NaN rows [{name}]"
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -359,6 +359,27 @@ def test_grad_matches_reference_autograd(norm, dtype):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_nan_logits_grad_stays_in_its_row(norm):
+    """A row with a NaN logit has a NaN softmax, so its logits gradient is NaN, whether or not
+    it took a slot (softmax's autograd, as the reference's); the other rows' gradients are
+    untouched by it."""
+    logits, slots, mv = routing_inputs(12, 8, 4, wild=False)
+    logits[2, 5] = NAN
+    logits[7] = NAN
+    slots[7] = 0
+    gw = torch.randn(12, 4)
+    grads = []
+    for fn in (ops.segmented_topk, ref.segmented_topk):
+        l = logits.clone().requires_grad_()
+        (fn(l, slots, mv, 4, 6, norm)[1] * gw).sum().backward()
+        grads.append(l.grad)
+    assert_close(grads[0], grads[1], f"grad logits norm={norm}", atol=1e-6, equal_nan=True)
+    nan_rows = torch.isnan(grads[0]).any(dim=1)
+    assert nan_rows.tolist() == [t in (2, 7) for t in range(12)]
+    assert torch.isnan(grads[0][[2, 7]]).all()
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_backward_op_direct(norm):
     T, N, M, k = 17, 6, 2, 4
     logits, slots, mv = routing_inputs(T, N + M, k, dtype=torch.float64)
