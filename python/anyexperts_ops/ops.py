@@ -318,17 +318,11 @@ def _add_virtual_backward(ctx, grad):
         grad_x, grad_w = _ops.add_virtual_backward.default(
             grad, x, ids, weights, ctx.num_real, sources, const_vectors)
     if need[6] and const_vectors.shape[0] > 0:
-        # d const_vectors[c] = sum over the tokens with a slot on c of (their weight on c) *
-        # grad[t], one product per const vector over grad with the other tokens' rows zeroed:
-        # a token off c takes no part, so a NaN in its grad row does not reach const_vectors[c]
-        # through 0 * NaN (as in the reference's masked autograd). C is a handful.
+        # d const_vectors[c] = sum over tokens of (their weight on c) * grad[t]: one product
         C = const_vectors.shape[0]
         codes = _reference.virtual_codes(ids, ctx.num_real, sources, C)
         wc = _reference.virtual_const_weights(codes, weights.to(_weight_dtype(grad.dtype)), C)
-        wc = wc.t().to(grad.dtype)
-        on = (codes.unsqueeze(2) == torch.arange(C, device=codes.device)).any(dim=1)
-        grad_const = torch.cat([wc[c:c + 1] @ torch.where(on[:, c:c + 1], grad, 0)
-                                for c in range(C)])
+        grad_const = wc.t().to(grad.dtype) @ grad
     elif need[6]:
         grad_const = torch.zeros_like(const_vectors)
     return (grad if need[0] else None, grad_x if need[1] else None, None,
