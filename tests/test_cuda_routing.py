@@ -253,6 +253,17 @@ def test_topk_large_T_matches_cpu(gen):
     _close(g, ops.segmented_topk_backward(gw, logits, cids, N, norm), "grad_logits")
 
 
+@pytest.mark.parametrize("E", [4096, 32768])
+def test_topk_wide_rows_softmax_accuracy(gen, E):
+    """fp32 weights within 1e-5 of the fp64 softmax on wide rows with many equal logits."""
+    logits = torch.randn(16, E, generator=gen)
+    logits[torch.rand(16, E, generator=gen) < 1 / 3] = 0.5
+    slots = torch.full((16,), 8, dtype=torch.int32)
+    ids, w = ops.segmented_topk(*_cuda(logits, slots, slots * 0), 8, E, "none")
+    exact = torch.softmax(logits.double(), dim=-1).gather(1, ids.cpu().long())
+    assert float(((w.cpu().double() - exact).abs() / exact).max()) < 1e-5
+
+
 # ---- permute ---------------------------------------------------------------------------
 
 # (T, K, num_real, H): H = 130 rows are not 16-byte multiples (element-wise copy path).

@@ -195,6 +195,18 @@ def test_nan_logits_rank_last_and_do_not_poison_other_rows():
         assert_close(w[2:3], rw, f"clean row, norm={norm}", atol=1e-7)
 
 
+@pytest.mark.parametrize("E", [4096, 32768])
+def test_wide_rows_softmax_accuracy(E):
+    """fp32 weights within 1e-5 of the fp64 softmax on wide rows where many logits are equal
+    (a long fp32 sum of equal terms is where rounding accumulates)."""
+    logits = torch.randn(16, E)
+    logits[torch.rand(16, E) < 1 / 3] = 0.5
+    slots = torch.full((16,), 8, dtype=torch.int32)
+    ids, w = topk(logits, slots, slots * 0, 8, E)
+    exact = torch.softmax(logits.double(), dim=-1).gather(1, ids.long())
+    assert float(((w.double() - exact).abs() / exact).max()) < 1e-5
+
+
 def test_nan_everywhere_large_no_crash():
     logits, slots, mv = routing_inputs(500, 40, 9, wild=True)
     logits[torch.rand_like(logits) < 0.3] = NAN
