@@ -584,6 +584,24 @@ def test_autograd_matches_reference(backend, dtype, transposed_b, R, K):
             assert (dstore[g] == 0).all(), f"empty group {g}: zero weight grad"
 
 
+@pytest.mark.parametrize("region", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_the_low_precision_kernel(backend, region):
+    """In a CUDA autocast region fp32 operands are cast to the region's dtype and run the
+    bf16/fp16 kernels (not the fp32 fallback): the same bits as calling them on cast inputs."""
+    R, K, N, G = 512, 128, 96, 5
+    offsets = offsets_on_device(G, R)
+    a = torch.randn(R, K, device=DEV)
+    b = torch.randn(G, N, K, device=DEV).transpose(1, 2)
+    dout = torch.randn(R, N, device=DEV)
+    with torch.autocast("cuda", dtype=region):
+        out = anyexperts_ops.grouped_mm(a, b, offsets)
+        db = anyexperts_ops.grouped_mm_wgrad(a, dout, offsets)
+    assert out.dtype == db.dtype == region
+    assert torch.equal(out, anyexperts_ops.grouped_mm(a.to(region), b.to(region), offsets))
+    assert torch.equal(db, anyexperts_ops.grouped_mm_wgrad(a.to(region), dout.to(region),
+                                                           offsets))
+
+
 def test_gradcheck_fp64_cuda():
     R, K, N, G = 11, 3, 4, 3
     offsets = i32([3, 3, 8])

@@ -237,3 +237,58 @@ def test_grad_matches_reference_autograd(transposed_b):
             assert (grads[0][1][g_] == 0).all(), "empty group: zero weight grad"
     tail = int(offsets[-1])
     assert (grads[0][0][tail:] == 0).all(), "rows after the last group get no grad"
+
+
+# ---- autocast ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("region", LOW, ids=str)
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+def test_autocast_runs_in_the_region_dtype(region, transposed_b):
+    """In an autocast region the grouped GEMMs cast float32/float16/bfloat16 operands to the
+    region's dtype, as torch.mm does (mixed fp32 weights and low-precision activations work);
+    the gradients flow back through the casts in the leaves' dtypes; the reference agrees."""
+    R, Kd, Nd, G = 60, 16, 24, 4
+    a0, b0 = make(R, Kd, Nd, G, transposed_b=transposed_b)
+    a0 = a0.to(torch.bfloat16)  # a bf16 activation against fp32 weights
+    offsets = random_offsets(G, R)
+    g = torch.randn(R, Nd)
+    outs, grads = [], []
+    for fn in (ops.grouped_mm, ref.grouped_mm):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=region):
+            out = fn(a, b, offsets)
+        out.backward(g.to(out.dtype))
+        outs.append(out)
+        grads.append((a.grad, b.grad))
+    assert outs[0].dtype == region
+    assert_exact(outs[0], ops.grouped_mm(a0.to(region), b0.to(region), offsets), "out")
+    assert_exact(outs[0], outs[1], "out vs reference")
+    assert grads[0][0].dtype == torch.bfloat16 and grads[0][1].dtype == torch.float32
+    for (ga, gb), what in zip(zip(*grads), ("grad a", "grad b")):
+        assert_close(ga.float(), gb.float(), what, rtol=1e-2)
+    with torch.autocast("cpu", dtype=region):
+        db = ops.grouped_mm_wgrad(a0, g, offsets)
+    assert_exact(db, ops.grouped_mm_wgrad(a0.to(region), g.to(region), offsets), "wgrad")
+
+
+def test_autocast_leaves_float64_and_outside_alone():
+    a, b = make(20, 8, 6, 3, torch.float64)
+    offsets = i32([5, 12, 20])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.grouped_mm(a, b, offsets).dtype == torch.float64
+        assert ops.grouped_mm_wgrad(a, a, offsets).dtype == torch.float64
+    assert ops.grouped_mm(a.float(), b.float(), offsets).dtype == torch.float32
+
+
+def test_autocast_under_torch_compile():
+    a, b = make(40, 8, 12, 3)
+    offsets = i32([10, 25, 40])
+
+    def fn(a, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.grouped_mm(a, b, offsets)
+
+    want = fn(a, b)
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(a, b)
+    assert got.dtype == torch.bfloat16
+    assert_exact(got, want, "compiled")

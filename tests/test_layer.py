@@ -189,18 +189,36 @@ def test_router_matches_linear(out_features):
     assert torch.autograd.gradcheck(r, (x,))
 
 
-def test_autocast_bf16_runs_and_keeps_dtype():
-    """Under CPU autocast the layer's output keeps x's dtype (the expert chain and the
-    virtual terms run in it) and every parameter gets a finite gradient."""
+@pytest.mark.parametrize("x_dtype,layer_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
+def test_autocast_runs_experts_in_region_dtype(x_dtype, layer_dtype):
+    """Under CPU autocast x and the layer may mix float32/bfloat16/float16: the expert GEMMs
+    run in the region's dtype (so does the output), every parameter gets a finite gradient in
+    its own dtype, and the reference backend gives the same output."""
+    outs = []
+    for backend in ("ops", "reference"):
+        torch.manual_seed(0)
+        m = _layer(backend=backend).to(layer_dtype)
+        torch.manual_seed(1)
+        x = torch.randn(30, H, dtype=x_dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, aux = m(x)
+        assert out.dtype == torch.bfloat16
+        (out.float().square().mean() + aux.loss).backward()
+        assert x.grad.dtype == x_dtype and torch.isfinite(x.grad).all()
+        for n, p in m.named_parameters():
+            assert p.grad is not None and p.grad.dtype == p.dtype, n
+            assert torch.isfinite(p.grad).all(), n
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "ops vs reference backend"
+
+
+def test_autocast_rejects_float64_mixes():
+    """Autocast leaves float64 alone, so a float64 x into a float32 layer cannot run."""
     m = _layer()
-    x = torch.randn(30, H, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, aux = m(x)
-    assert out.dtype == x.dtype
-    (out.float().square().mean() + aux.loss).backward()
-    assert torch.isfinite(x.grad).all()
-    for n, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="dtype"):
+        m(torch.randn(4, H, dtype=torch.float64))
 
 
 # ---- static top-K against an independent plain MoE -------------------------------------
@@ -658,6 +676,27 @@ def test_cuda_no_host_sync_and_matches_cpu():
     _close(gx.cpu(), gx_cpu, "cuda grad x", rtol=1e-4)
     _param_grads_close({n: t.cpu() for n, t in g.items()}, g_cpu, s_cpu, "cuda grad")
     torch.testing.assert_close(mc.importance_bias.cpu(), m.importance_bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast_matches_reference_backend():
+    """An fp32 layer given bf16 tokens under CUDA autocast runs its expert GEMMs in bf16 (the
+    CUTLASS kernels where they apply) and equals the reference backend on the same device."""
+    x = torch.randn(40, H, device="cuda").to(torch.bfloat16)
+    res = []
+    for backend in ("ops", "reference"):
+        torch.manual_seed(0)
+        m = _layer(backend=backend).cuda()
+        xd = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, aux = m(xd)
+        assert out.dtype == torch.bfloat16
+        (out.float().square().mean() + aux.loss).backward()
+        res.append((aux.routing.ids, out.detach().float(), xd.grad.float(), m.w_down.grad))
+    assert torch.equal(res[0][0], res[1][0]), "routing"
+    for got, want, what in zip(res[0][1:], res[1][1:], ("out", "grad x", "grad w_down")):
+        err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        assert err < 1e-2, f"{what}: relative norm error {err:.3e}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -43,6 +43,8 @@ SLOT_MODES = ("importance", "static", "top_p")
 IMPORTANCE_KINDS = ("mlp", "wide", "deep")
 BACKENDS = ("ops", "reference")
 NORMS = ("none", "selected", "real")
+# dtypes autocast converts between (it leaves float64 alone)
+_AUTOCAST_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 def _to_fraction(x) -> Fraction:
@@ -246,10 +248,11 @@ class AnyExpertsMoE(nn.Module):
     :meth:`calibrate_budget`), ``budget_target`` (target Avg-K; 0 = off),
     ``avg_real_ema`` (running mean real slots per token, training only).
 
-    ``forward(x, modality=None)``: x [..., H] in the layer's dtype; modality (optional) int
-    with x's leading shape (or flattened to [T]), values in [0, config.num_modalities), for
-    per-modality
-    statistics (a token with a value outside that range is counted in no modality).
+    ``forward(x, modality=None)``: x [..., H] in the layer's dtype (under torch.autocast, x
+    and the layer may mix float32, bfloat16 and float16; the expert GEMMs and the output are
+    then in the region's dtype); modality (optional) int with x's leading shape (or
+    flattened to [T]), values in [0, config.num_modalities), for per-modality statistics (a
+    token with a value outside that range is counted in no modality).
     """
 
     def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None):
@@ -392,10 +395,11 @@ class AnyExpertsMoE(nn.Module):
             raise ValueError(f"AnyExpertsMoE: x must be [..., {c.hidden_size}], got "
                              f"{list(x.shape)}")
         dtype = self.router.weight.dtype
-        if not x.is_floating_point() or (x.dtype != dtype and
-                                         not torch.is_autocast_enabled(x.device.type)):
-            raise ValueError(f"AnyExpertsMoE: x must have the layer's dtype {dtype} (or run "
-                             f"under autocast), got {x.dtype}")
+        if x.dtype != dtype and not (torch.is_autocast_enabled(x.device.type) and
+                                     {x.dtype, dtype} <= _AUTOCAST_DTYPES):
+            raise ValueError(f"AnyExpertsMoE: x must have the layer's dtype {dtype} (under "
+                             f"autocast, x and the layer may mix float32, bfloat16 and "
+                             f"float16), got {x.dtype}")
         return x.reshape(-1, c.hidden_size)
 
     # ---- forward -------------------------------------------------------------------------

@@ -349,3 +349,39 @@ def _no_double_backward(backward_op: str):
 for _op in ("segmented_topk_backward", "swiglu_backward", "hsm_backward",
             "unpermute_backward", "add_virtual_backward"):
     _no_double_backward(_op)
+
+
+# ---- autocast -------------------------------------------------------------------------
+# Under torch.autocast the grouped GEMMs run in the autocast dtype, as torch.mm does: their
+# fp32/fp16/bf16 inputs are cast to torch.get_autocast_dtype(device) (fp64 is left alone, as
+# autocast leaves it), so fp32 master weights meet bf16 activations in a bf16 kernel instead
+# of failing on mixed dtypes or running in fp32. Casting b costs what autocast's cast of an
+# nn.Linear weight costs. The other ops are elementwise or gathers: they keep their dtypes.
+# torch.library.register_autocast casts to one dtype fixed at registration; this reads the
+# region's dtype at each call.
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+_autocast_lib = torch.library.Library("anyexperts", "IMPL")
+
+
+def _register_autocast_lower_precision(name: str, device_type: str):
+    op = getattr(_ops, name).default
+    key_name = _AUTOCAST_KEYS[device_type]
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def run(*args, **kwargs):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS
+                     else a for a in args)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*args, **kwargs)
+
+    op.py_impl(key)(run)  # the Python dispatcher's path (torch.compile's tracing)
+    _autocast_lib.impl(name, lambda _keyset, *args, **kwargs: run(*args, **kwargs), key_name,
+                       with_keyset=True)
+
+
+for _op in ("grouped_mm", "grouped_mm_wgrad"):
+    for _device_type in _AUTOCAST_KEYS:
+        _register_autocast_lower_precision(_op, _device_type)

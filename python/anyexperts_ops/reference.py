@@ -11,9 +11,12 @@ tests compare only the rows the flags keep specified.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 NORMS = ("none", "selected", "real")
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -28,6 +31,26 @@ def _connected(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     for t in inputs:
         out = out + t.flatten()[:0].sum().to(out.dtype)
     return out
+
+
+def _autocast_rule(lower_precision: int = 0):
+    """What the ops do in a torch.autocast region: the kernels do not consult autocast, so the
+    op runs with it off, except that the grouped GEMMs first cast their float32, float16 and
+    bfloat16 operands (the first `lower_precision` arguments) to the region's dtype, as
+    torch.mm does (ops.py registers that rule; float64 is left alone)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            device = args[0].device.type
+            if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+                return fn(*args, **kwargs)
+            dtype = torch.get_autocast_dtype(device)
+            args = tuple(a.to(dtype) if i < lower_precision and a.dtype in _AUTOCAST_CASTS
+                         else a for i, a in enumerate(args))
+            with torch.autocast(device, enabled=False):
+                return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 def padded_count(count: int, align: int) -> int:
@@ -46,6 +69,7 @@ def ranking(row: torch.Tensor) -> list[int]:
     return sorted(range(len(vals)), key=key)
 
 
+@_autocast_rule()
 def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch.Tensor,
                    k_max: int, num_real: int, norm: str = "none"):
     """ids[T,k_max] int32 and weights[T,k_max] (fp32; fp64 for fp64 logits)."""
@@ -88,6 +112,7 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
     return ids.to(logits.device), _connected(weights, logits)
 
 
+@_autocast_rule()
 def permute(x: torch.Tensor, ids: torch.Tensor, num_real: int, align: int, *,
             zero_tail: bool = True):
     """x_perm[R,H], offsets[num_real] int32 (end offsets), slot_rows[T,K] int32."""
@@ -133,6 +158,7 @@ def live_rows(offsets: torch.Tensor, rows: int) -> int:
     return spans[-1][1] if spans else 0
 
 
+@_autocast_rule(lower_precision=2)
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
                zero_tail: bool = True) -> torch.Tensor:
     """out[rows of g] = a[rows] @ b[g]; rows past the last group are zero."""
@@ -145,6 +171,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
     return _connected(out, a, b).to(a.dtype)
 
 
+@_autocast_rule(lower_precision=2)
 def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """db[g] = a[rows of g]^T @ dout[rows of g]; zero for empty groups."""
     acc = _opmath(a.dtype)
@@ -155,6 +182,7 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor)
     return _connected(db, a, dout).to(a.dtype)
 
 
+@_autocast_rule()
 def swiglu(gu: torch.Tensor, offsets: torch.Tensor, *, zero_tail: bool = True) -> torch.Tensor:
     """h[R,F] = silu(gate) * up with gu = [gate | up], in fp32 (fp64 for fp64), for the rows
     before the last group's end (padding rows included); rows past it are zero."""
@@ -167,6 +195,7 @@ def swiglu(gu: torch.Tensor, offsets: torch.Tensor, *, zero_tail: bool = True) -
     return _connected(out, gu).to(gu.dtype)
 
 
+@_autocast_rule()
 def hsm(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """out[t] = x[t] + a[t] * x[t] in fp32 (fp64 for fp64), rounded once to x's dtype;
     a [T] is float32, or float64 with float64 x."""
@@ -175,6 +204,7 @@ def hsm(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (xa + a.to(acc).unsqueeze(1) * xa).to(x.dtype)
 
 
+@_autocast_rule()
 def unpermute(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor, *,
               zero_unreferenced: bool = True) -> torch.Tensor:
     """out[t] = sum over j ascending of weights[t,j] * y[slot_rows[t,j]], skipping -1.
@@ -224,6 +254,7 @@ def virtual_const_weights(codes: torch.Tensor, weights: torch.Tensor,
     return w.new_zeros((T, num_const + 1)).scatter_add(1, col, w)[:, :num_const]
 
 
+@_autocast_rule()
 def add_virtual(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 num_real: int, sources: torch.Tensor,
                 const_vectors: torch.Tensor) -> torch.Tensor:
