@@ -455,6 +455,18 @@ def test_bad_inputs_fail_before_any_state_changes():
     with pytest.raises(ValueError, match="x must be"):
         m.route(torch.randn(4, H + 1))
     assert float(m.importance_bias) == 0.0 and float(m.avg_real_ema) == 0.0
+    # a batch set_budget cannot calibrate on leaves the target where it was
+    for x_bad in (torch.randn(0, H), torch.randn(4, H + 1)):
+        with pytest.raises(ValueError):
+            m.set_budget(4.0, x_bad)
+        assert float(m.budget_target) == 3.0 and m.config.target_avg_k == 3.0
+        assert float(m.importance_bias) == 0.0
+
+
+def test_modality_checked_without_statistics():
+    m = _layer(num_modalities=2, compute_stats=False)
+    with pytest.raises(ValueError, match="modality must be an integer tensor"):
+        m(torch.randn(6, H), torch.zeros(5, dtype=torch.int64))
 
 
 def test_modality_in_x_leading_shape_or_flattened():

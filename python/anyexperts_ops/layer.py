@@ -442,7 +442,7 @@ class AnyExpertsMoE(nn.Module):
         x2 = self._tokens(x)
         lead = x.shape[:-1]
         T = x2.shape[0]
-        if modality is not None and c.compute_stats:
+        if modality is not None:  # checked even when no statistics read it
             if c.num_modalities == 0:
                 raise ValueError("modality given but config.num_modalities is 0")
             if (modality.shape not in (lead, (T,)) or modality.is_floating_point()
@@ -513,11 +513,12 @@ class AnyExpertsMoE(nn.Module):
             lo = c.min_avg_real()
             if not lo <= avg_real <= c.k_max:
                 raise ValueError(f"avg_real {avg_real} outside the reachable [{lo}, {c.k_max}]")
+        # calibrate first: a batch it rejects leaves the target (and the bias) as they were
+        reached = (self.calibrate_budget(x, avg_real, tol=tol)
+                   if x is not None and avg_real is not None else None)
         self.budget_target.fill_(float(avg_real or 0.0))
         c.target_avg_k = avg_real
-        if x is not None and avg_real is not None:
-            return self.calibrate_budget(x, avg_real, tol=tol)
-        return None
+        return reached
 
     @torch.no_grad()
     def calibrate_budget(self, x: Tensor, avg_real: float, *, tol: float = 0.01,
