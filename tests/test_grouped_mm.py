@@ -277,7 +277,21 @@ def test_autocast_leaves_float64_and_outside_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.grouped_mm(a, b, offsets).dtype == torch.float64
         assert ops.grouped_mm_wgrad(a, a, offsets).dtype == torch.float64
+        assert ref.grouped_mm(a, b, offsets).dtype == torch.float64
     assert ops.grouped_mm(a.float(), b.float(), offsets).dtype == torch.float32
+    with pytest.raises(RuntimeError, match="same dtype"):  # no cast outside a region
+        ops.grouped_mm(a.bfloat16(), b.float(), offsets)
+
+
+def test_reference_autocast_rule_binds_keywords():
+    a, b = make(20, 8, 6, 3)
+    offsets = i32([5, 12, 20])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref.grouped_mm(a, b, offsets)
+        assert_exact(ref.grouped_mm(a, b=b, offsets=offsets), want, "keywords")
+        assert_exact(ref.grouped_mm(offsets=offsets, b=b, a=a), want, "all keywords")
+    x = torch.randn(4, 8)
+    assert_exact(ref.hsm(x=x, a=torch.ones(4)), 2 * x, "hsm by keywords")
 
 
 def test_autocast_under_torch_compile():
@@ -288,7 +302,14 @@ def test_autocast_under_torch_compile():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return ops.grouped_mm(a, b, offsets)
 
-    want = fn(a, b)
-    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(a, b)
-    assert got.dtype == torch.bfloat16
-    assert_exact(got, want, "compiled")
+    g = torch.randn(40, 12).bfloat16()
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        out = f(aa, bb)
+        out.backward(g)
+        results.append((out, aa.grad, bb.grad))
+    assert results[1][0].dtype == torch.bfloat16
+    assert results[1][1].dtype == results[1][2].dtype == torch.float32
+    for got, want, what in zip(results[1], results[0], ("out", "grad a", "grad b")):
+        assert_exact(got, want, f"compiled {what}")

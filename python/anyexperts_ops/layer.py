@@ -395,7 +395,8 @@ class AnyExpertsMoE(nn.Module):
             raise ValueError(f"AnyExpertsMoE: x must be [..., {c.hidden_size}], got "
                              f"{list(x.shape)}")
         dtype = self.router.weight.dtype
-        if x.dtype != dtype and not (torch.is_autocast_enabled(x.device.type) and
+        if x.dtype != dtype and not (x.device.type in ("cpu", "cuda") and
+                                     torch.is_autocast_enabled(x.device.type) and
                                      {x.dtype, dtype} <= _AUTOCAST_DTYPES):
             raise ValueError(f"AnyExpertsMoE: x must have the layer's dtype {dtype} (under "
                              f"autocast, x and the layer may mix float32, bfloat16 and "

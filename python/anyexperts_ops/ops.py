@@ -373,7 +373,7 @@ def _register_autocast_lower_precision(name: str, device_type: str):
     def run(*args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
         args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS
-                     else a for a in args)
+                     and a.dtype != dtype else a for a in args)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*args, **kwargs)
 

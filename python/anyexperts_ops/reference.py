@@ -12,6 +12,7 @@ tests compare only the rows the flags keep specified.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -39,16 +40,21 @@ def _autocast_rule(lower_precision: int = 0):
     bfloat16 operands (the first `lower_precision` arguments) to the region's dtype, as
     torch.mm does (ops.py registers that rule; float64 is left alone)."""
     def wrap(fn):
+        signature = inspect.signature(fn)
+        operands = list(signature.parameters)[:lower_precision]
+
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            device = args[0].device.type
+            bound = signature.bind(*args, **kwargs)
+            device = next(iter(bound.arguments.values())).device.type
             if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
                 return fn(*args, **kwargs)
             dtype = torch.get_autocast_dtype(device)
-            args = tuple(a.to(dtype) if i < lower_precision and a.dtype in _AUTOCAST_CASTS
-                         else a for i, a in enumerate(args))
+            for name in operands:
+                if bound.arguments[name].dtype in _AUTOCAST_CASTS:
+                    bound.arguments[name] = bound.arguments[name].to(dtype)
             with torch.autocast(device, enabled=False):
-                return fn(*args, **kwargs)
+                return fn(*bound.args, **bound.kwargs)
         return run
     return wrap
 
