@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -283,3 +285,14 @@ def test_device_mismatch(op, device):
     build, message = DEVICE_CASES[op]
     with pytest.raises(RuntimeError, match=re.escape(message + f", got cpu and {device}")):
         build(device)()
+
+
+def test_library_load_failure_says_how_to_rebuild():
+    """A compiled library that cannot load (a torch other than the one it was built against)
+    raises an ImportError naming the fix, not only the loader's message."""
+    code = ("import sys; sys.modules['anyexperts_ops._C'] = None\n"
+            "try:\n    import anyexperts_ops\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "failed to load" in out and "--no-build-isolation" in out, out
+    assert torch.__version__ in out, out

@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library, registering the ops)
+try:
+    from . import _C  # noqa: F401  (loads the library, registering the ops)
+except ImportError as e:  # most often a torch other than the one it was built against
+    raise ImportError(
+        f"anyexperts_ops: the compiled library failed to load ({e}). It links the torch it "
+        f"was built against, and this is torch {torch.__version__}: rebuild it with this "
+        f"torch, `pip install --no-build-isolation .` (README, Building).") from e
 from . import checks as _checks
 from . import reference as _reference
 
