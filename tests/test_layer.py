@@ -598,6 +598,29 @@ def test_calibrate_budget_hits_avg_k(avg_k):
 
 # ---- torch.compile, state_dict ----------------------------------------------------------
 
+@pytest.mark.parametrize("preset", ["anyexperts", "null_experts"])
+def test_export_with_dynamic_token_count(preset):
+    """torch.export with a dynamic token count: nothing in the layer specialises T (statistics
+    included), and the exported program equals the eager layer at another T."""
+    m = presets.make_layer(preset, H, FFN, 16).eval()
+
+    class Out(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            out, aux = self.m(x)
+            return out, aux.stats.real_per_token
+
+    T = torch.export.Dim("T", min=2, max=4096)
+    ep = torch.export.export(Out(), (torch.randn(12, H),), dynamic_shapes={"x": {0: T}})
+    x = torch.randn(37, H)
+    got, want = ep.module()(x), Out()(x)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 def test_compile_fullgraph_matches_eager():
     """fullgraph=True compiles the whole layer (no graph breaks, no host syncs). CPU CI uses
     the aot_eager backend (the graph capture, functionalisation and fake kernels under test;

@@ -464,7 +464,7 @@ class AnyExpertsMoE(nn.Module):
         lb = load_balance_loss(rec.ids, rec.logits, N, counts=counts)
         zl = router_z_loss(rec.logits) if c.z_loss_coef > 0 else zero
         real, virt = slot_counts(rec.ids, N)
-        real_mean = real.sum().float() / float(max(T, 1))
+        real_mean = real.sum().float() / max(T, 1)
         on = (self.budget_target > 0).float()
         if c.budget_loss_coef > 0 and score is not None and T > 0:
             wb = torch.sigmoid(score + self.importance_bias)

@@ -143,7 +143,7 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
     dev = ids.device
     f32 = torch.float32
     real, virt = real_virtual if real_virtual is not None else slot_counts(ids, num_real)
-    denom = float(max(T, 1))
+    denom = max(T, 1)  # an int (a SymInt under export): float() would specialise T
     real_total = real.sum()
     virt_total = virt.sum()
     if counts is None:
