@@ -178,7 +178,7 @@ def test_topk_edge_cases(gen, norm):
         _close(w, rw, f"weights [{name}]")
 
 
-@_needs_cpu("segmented_topk_backward")
+@_needs_cpu("segmented_topk", "segmented_topk_backward")
 @pytest.mark.parametrize("norm", NORMS)
 def test_topk_backward_edge_cases_match_cpu(gen, norm):
     """Backward on the edge cases (NaN rows with and without slots among them): CUDA = CPU,

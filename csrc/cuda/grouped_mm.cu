@@ -335,7 +335,8 @@ Backend tensor_core_path(const at::Tensor& a, int64_t K, int64_t N) {
   const Backend cap = backend();  // first: a bad override fails every call
   const auto dt = a.scalar_type();
   // CUTLASS problem sizes are int: K or N of 2^31 or more goes to the fallback, which takes
-  // int64 sizes (and refuses an N too large for its grid with a clear error).
+  // int64 sizes (and refuses, with a clear error, what its grid cannot cover: the forward an
+  // N, the wgrad a K, past 65535 tiles of 64).
   constexpr int64_t kIntLimit = int64_t{1} << 31;
   if (!((dt == at::kBFloat16 || dt == at::kHalf) && K % 8 == 0 && N % 8 == 0 &&
         K < kIntLimit && N < kIntLimit)) {
