@@ -42,6 +42,10 @@ def _cuda_enabled():
             sys.exit("ANYEXPERTS_CUDA=1 but CUDA cannot be built: "
                      f"torch.version.cuda={torch.version.cuda}, nvcc={nvcc}")
         return True
+    if torch.version.cuda is not None and nvcc is None:
+        print("anyexperts_ops: building WITHOUT the CUDA kernels: torch is a CUDA build but nvcc "
+              "was not found (set CUDA_HOME; ANYEXPERTS_CUDA=1 makes this an error)",
+              file=sys.stderr)
     return possible
 
 
