@@ -262,7 +262,8 @@ def test_autocast_runs_in_the_region_dtype(region, transposed_b):
         grads.append((a.grad, b.grad))
     assert outs[0].dtype == region
     assert_exact(outs[0], ops.grouped_mm(a0.to(region), b0.to(region), offsets), "out")
-    assert_exact(outs[0], outs[1], "out vs reference")
+    assert outs[1].dtype == region  # reference: the same casts, its own fp32 sum order,
+    assert_close(outs[0].float(), outs[1].float(), "out vs reference", rtol=1e-2)  # so 1 ulp
     assert grads[0][0].dtype == torch.bfloat16 and grads[0][1].dtype == torch.float32
     for (ga, gb), what in zip(zip(*grads), ("grad a", "grad b")):
         assert_close(ga.float(), gb.float(), what, rtol=1e-2)

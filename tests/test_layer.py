@@ -210,8 +210,10 @@ def test_autocast_runs_experts_in_region_dtype(x_dtype, layer_dtype):
         for n, p in m.named_parameters():
             assert p.grad is not None and p.grad.dtype == p.dtype, n
             assert torch.isfinite(p.grad).all(), n
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1]), "ops vs reference backend"
+        outs.append(out.detach())
+    # the same routing and casts; the GEMMs' fp32 sums may differ in order: one bf16 rounding
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=1e-2,
+                               atol=1e-2 * float(outs[1].float().abs().max()))
 
 
 def test_autocast_rejects_float64_mixes():
@@ -617,8 +619,8 @@ def test_export_with_dynamic_token_count(preset):
     ep = torch.export.export(Out(), (torch.randn(12, H),), dynamic_shapes={"x": {0: T}})
     x = torch.randn(37, H)
     got, want = ep.module()(x), Out()(x)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    for g, w in zip(got, want):  # the export may decompose an op differently: fp32 rounding
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_fullgraph_matches_eager():
