@@ -188,3 +188,22 @@ def test_torch_compile_fullgraph_matches_eager():
     # And it is the right answer, not just self-consistent.
     rout = pipeline(ref, x, logits, w1, w2, slots, mv, k_max, N, align, "selected")[0]
     assert_close(c_out, rout, "compiled vs reference")
+
+
+def test_signed_zeros_kept_by_ops_and_reference():
+    """A -0.0 that an op passes through or computes stays -0.0, in the kernels and in the
+    reference (whose autograd links must not add +0.0): permute copies rows bit for bit,
+    silu(-100) is -0.0 as torch writes it, add_virtual leaves a token without a source as is."""
+    x = torch.tensor([[-0.0, 1.0], [2.0, -0.0]])
+    ids = torch.tensor([[0], [1]], dtype=torch.int32)
+    gu = torch.tensor([[-100.0, 1.0], [0.0, -0.0]])
+    offsets = torch.tensor([2], dtype=torch.int32)
+    out = torch.full((2, 2), -0.0)
+    no_source = torch.tensor([[-1], [5]], dtype=torch.int32)
+    for api in (ae, ref):
+        x_perm, _, _ = api.permute(x, ids, 2, 1)
+        assert torch.signbit(x_perm).tolist() == [[True, False], [False, True]], api
+        assert torch.signbit(api.swiglu(gu, offsets)).tolist() == [[True], [True]], api
+        added = api.add_virtual(out, x, no_source, torch.ones(2, 1), 1,
+                                torch.tensor([-2], dtype=torch.int32), torch.zeros(0, 2))
+        assert torch.signbit(added).all(), api

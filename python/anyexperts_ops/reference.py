@@ -26,11 +26,11 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def _connected(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-    """out + 0 drawn from empty slices of the inputs: the same values, but autograd links out
+    """out - 0 drawn from empty slices of the inputs: the same values, but autograd links out
     to every input even when no element was used (T = 0, all slots masked), so backward
-    yields zero gradients as the kernels do."""
+    yields zero gradients as the kernels do. Subtracting +0 keeps a -0.0 (adding would not)."""
     for t in inputs:
-        out = out + t.flatten()[:0].sum().to(out.dtype)
+        out = out - t.flatten()[:0].sum().to(out.dtype)
     return out
 
 
@@ -280,5 +280,5 @@ def add_virtual(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: 
         if C > 0:
             row = torch.where((code >= 0).unsqueeze(1), const_vectors.to(acc)[code.clamp(min=0)], row)
         w = torch.where(used, weights[:, j:j + 1].to(acc), 0.0)
-        res = res + w * torch.where(used, row, 0.0)
+        res = torch.where(used, res + w * torch.where(used, row, 0.0), res)  # unused: as is (-0.0)
     return _connected(res, x, weights, const_vectors).to(out.dtype)
