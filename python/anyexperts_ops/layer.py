@@ -43,8 +43,6 @@ SLOT_MODES = ("importance", "static", "top_p")
 IMPORTANCE_KINDS = ("mlp", "wide", "deep")
 BACKENDS = ("ops", "reference")
 NORMS = ("none", "selected", "real")
-# dtypes autocast converts between (it leaves float64 alone)
-_AUTOCAST_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 def _to_fraction(x) -> Fraction:
@@ -395,9 +393,8 @@ class AnyExpertsMoE(nn.Module):
             raise ValueError(f"AnyExpertsMoE: x must be [..., {c.hidden_size}], got "
                              f"{list(x.shape)}")
         dtype = self.router.weight.dtype
-        if x.dtype != dtype and not (x.device.type in ("cpu", "cuda") and
-                                     torch.is_autocast_enabled(x.device.type) and
-                                     {x.dtype, dtype} <= _AUTOCAST_DTYPES):
+        if x.dtype != dtype and not (_reference.autocast_enabled(x.device.type) and
+                                     {x.dtype, dtype} <= set(_reference.AUTOCAST_DTYPES)):
             raise ValueError(f"AnyExpertsMoE: x must have the layer's dtype {dtype} (under "
                              f"autocast, x and the layer may mix float32, bfloat16 and "
                              f"float16), got {x.dtype}")

@@ -367,7 +367,6 @@ for _op in ("segmented_topk_backward", "swiglu_backward", "hsm_backward",
 # region's dtype at each call.
 
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 _autocast_lib = torch.library.Library("anyexperts", "IMPL")
 
 
@@ -378,8 +377,8 @@ def _register_autocast_lower_precision(name: str, device_type: str):
 
     def run(*args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
-        args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTS
-                     and a.dtype != dtype else a for a in args)
+        args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.dtype != dtype
+                     and a.dtype in _reference.AUTOCAST_DTYPES else a for a in args)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*args, **kwargs)
 

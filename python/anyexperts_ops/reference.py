@@ -17,7 +17,15 @@ import inspect
 import torch
 
 NORMS = ("none", "selected", "real")
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64
+# The dtypes autocast casts between (it leaves float64 alone): the rule of _autocast_rule,
+# which ops.py registers for the kernels and the layer's input check follows.
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether a torch.autocast region is on for this device type (only cpu and cuda have one
+    that the ops follow)."""
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -47,11 +55,11 @@ def _autocast_rule(lower_precision: int = 0):
         def run(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             device = next(iter(bound.arguments.values())).device.type
-            if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            if not autocast_enabled(device):
                 return fn(*args, **kwargs)
             dtype = torch.get_autocast_dtype(device)
             for name in operands:
-                if bound.arguments[name].dtype in _AUTOCAST_CASTS:
+                if bound.arguments[name].dtype in AUTOCAST_DTYPES:
                     bound.arguments[name] = bound.arguments[name].to(dtype)
             with torch.autocast(device, enabled=False):
                 return fn(*bound.args, **bound.kwargs)
