@@ -66,6 +66,9 @@ def test_odd_pointer_offset_takes_the_scalar_path():
 def test_nan_grad_matches_cpu():
     """A NaN grad row reaches grad_x only through a copy slot: CUDA = CPU bit for bit."""
     args = virtual_inputs(64, 40, 6, 4)
+    out, x, ids, w, n, src, cv = args
+    copied = (reference.virtual_codes(ids, n, src, cv.shape[0]) == reference.VIRTUAL_COPY).any(1)
+    assert copied[::3].any() and (~copied[::3]).any()  # NaN rows with and without a copy slot
     g = torch.randn(64, 40)
     g[::3] = float("nan")
     got, _ = BWD(g.cuda(), *_cuda(args)[1:])
