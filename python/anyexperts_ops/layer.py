@@ -19,6 +19,7 @@ The ``"reference"`` backend runs the very same layer on the pure-PyTorch referen
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -93,6 +94,7 @@ class AnyExpertsConfig:
     # budget control (slot_mode "importance")
     target_avg_k: Optional[float] = None     # target mean real slots per token (Avg-K)
     controller_rate: float = 2.0             # bias step = rate * (target - Avg-K) / (K_max - K_min)
+    budget_sync: bool = False                # Avg-K over every rank (torch.distributed all-reduce)
     # statistics
     compute_stats: bool = True
     num_modalities: int = 0                  # >0 to get per-modality stats from `modality`
@@ -137,6 +139,7 @@ class AnyExpertsConfig:
         bad = [n for n in ints if not isinstance(getattr(self, n), numbers.Integral)
                or isinstance(getattr(self, n), bool)]
         need(not bad, f"{', '.join(bad)} must be integers")
+        need(isinstance(self.budget_sync, bool), "budget_sync must be a bool")
         nonneg = ("load_balance_coef", "z_loss_coef", "budget_loss_coef", "controller_rate")
         bad = [n for n in nonneg if not (math.isfinite(getattr(self, n)) and getattr(self, n) >= 0)]
         need(not bad, f"{', '.join(bad)} must be finite and >= 0")
@@ -227,6 +230,12 @@ class ImportancePredictor(nn.Module):
         return _acc(self.net(x).squeeze(-1))
 
 
+def _recomputing() -> bool:
+    """True while activation checkpointing re-runs a forward inside the backward pass (the
+    only forward that runs there in training)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _backend_module(name: str):
     if name == "ops":
         from . import ops
@@ -245,6 +254,8 @@ class AnyExpertsMoE(nn.Module):
     Buffers: ``importance_bias`` (the budget bias b, updated by the controller and by
     :meth:`calibrate_budget`), ``budget_target`` (target Avg-K; 0 = off),
     ``avg_real_ema`` (running mean real slots per token, training only).
+    ``budget_group``: the process group ``config.budget_sync`` reduces over (None: the
+    default group).
 
     ``forward(x, modality=None)``: x [..., H] in the layer's dtype (under torch.autocast, x
     and the layer may mix float32, bfloat16 and float16; the expert GEMMs and the output are
@@ -253,8 +264,10 @@ class AnyExpertsMoE(nn.Module):
     token with a value outside that range is counted in no modality).
     """
 
-    def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None):
+    def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None, budget_group=None):
         super().__init__()
+        # the process group config.budget_sync reduces over (None: the default group)
+        self.budget_group = budget_group
         config.validate()
         # a copy: set_budget writes target_avg_k, which must not reach other layers built
         # from the same config object
@@ -276,43 +289,110 @@ class AnyExpertsMoE(nn.Module):
         self.register_buffer("budget_target", torch.tensor(
             float(c.target_avg_k or 0.0), dtype=torch.float32, device=bdev))
         self.register_buffer("avg_real_ema", torch.zeros((), dtype=torch.float32, device=bdev))
-        # add_virtual's code of each virtual expert: -1 zero, -2 copy, c: const_vectors[c]
-        codes = [-2 if k == "copy" else -1 for k in kinds]
-        for row, m in enumerate(self._const_cols):
-            codes[m] = row
-        self.register_buffer("_virtual_sources", torch.tensor(codes, dtype=torch.int32,
-                                                              device=bdev), persistent=False)
-        # V(K) = floor(rho_max * K) for K in [0, K_max], in Python integers: the product
-        # rho_num * K overflows int32 (and int64) for a float rho such as 1/3, read as
-        # 3333333333333333/10^16
-        self.register_buffer("_virtual_caps", torch.tensor(
-            [c.virtual_cap(k) for k in range(c.k_max + 1)], dtype=torch.int32, device=bdev),
-            persistent=False)
+        # the bias the last training forward routed with, for its recompute under activation
+        # checkpointing (the controller has moved importance_bias since)
+        self.register_buffer("_routed_bias", torch.zeros((), dtype=torch.float32, device=bdev),
+                             persistent=False)
+        for name, values in self._virtual_tables().items():
+            self.register_buffer(name, torch.tensor(values, dtype=torch.int32, device=bdev),
+                                 persistent=False)
         self.backend = c.backend
         self.reset_parameters()
+        if self.importance is not None and c.hsm_alpha == 0.0 and c.budget_loss_coef == 0.0 \
+                and (c.iar_scale == 0.0 or M == 0):
+            warnings.warn("AnyExpertsMoE: the importance predictor gets no gradient (no HSM, no "
+                          "IAR shift, no budget loss), so it never trains, and DDP (with "
+                          "find_unused_parameters=False) fails on it; freeze it "
+                          "(layer.importance.requires_grad_(False)) if that is meant")
 
     # ---- setup ---------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init for every expert; const vectors start at zero."""
+        """Every parameter and buffer as construction leaves them: nn.Linear's default init
+        for the experts, the router and the importance predictor, const vectors zero, budget
+        bias and running mean zero, budget target from the config. This initialises a layer
+        built on the meta device, after ``to_empty``."""
         with torch.no_grad():
             for w in (self.w_gate_up, self.w_down):
                 bound = 1.0 / math.sqrt(w.shape[-1])
                 w.uniform_(-bound, bound)
             self.router.reset_parameters()
+            if self.importance is not None:
+                for mod in self.importance.modules():
+                    if isinstance(mod, nn.Linear):
+                        mod.reset_parameters()
             if self.const_vectors is not None:
                 self.const_vectors.zero_()
+            for name in ("importance_bias", "avg_real_ema", "_routed_bias"):
+                getattr(self, name).zero_()
+            self.budget_target.fill_(float(self.config.target_avg_k or 0.0))
+        self._write_virtual_tables()
 
-    _FP32_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema")
+    def _virtual_tables(self) -> dict:
+        """The non-persistent int32 tables, which follow from the config alone."""
+        c = self.config
+        # add_virtual's code of each virtual expert: -1 zero, -2 copy, c: const_vectors[c]
+        codes = [-2 if k == "copy" else -1 for k in c.virtual_kinds]
+        for row, m in enumerate(self._const_cols):
+            codes[m] = row
+        # V(K) = floor(rho_max * K) for K in [0, K_max], in Python integers: the product
+        # rho_num * K overflows int32 (and int64) for a float rho such as 1/3, read as
+        # 3333333333333333/10^16
+        return {"_virtual_sources": codes,
+                "_virtual_caps": [c.virtual_cap(k) for k in range(c.k_max + 1)]}
+
+    def _write_virtual_tables(self) -> None:
+        # In place where they exist (a captured CUDA graph keeps reading the same memory);
+        # rebuilt beside the weights where they are still meta (load_state_dict(assign=True)).
+        device = self.w_gate_up.device
+        for name, values in self._virtual_tables().items():
+            buf = getattr(self, name)
+            if not buf.is_meta:
+                buf.copy_(torch.tensor(values, dtype=torch.int32))
+            elif device.type != "meta":
+                setattr(self, name, torch.tensor(values, dtype=torch.int32, device=device))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # The tables are not in a state_dict: after to_empty they hold garbage and a load
+        # must write them too, or the virtual cap and kinds are silently wrong.
+        super()._load_from_state_dict(*args, **kwargs)
+        self._write_virtual_tables()
+
+    _FP32_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema", "_routed_bias")
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(bf16)/.half() must not round the controller's state: keep it fp32.
-        super()._apply(fn, *args, **kwargs)
-        for name in self._FP32_BUFFERS:
-            buf = getattr(self, name)
-            if buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
+        # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
+        # the conversion and only follows the device change.
+        order = list(self._buffers)
+        kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS}
+        try:
+            super()._apply(fn, *args, **kwargs)
+        except BaseException:
+            self._buffers.update(kept)
+            raise
+        for name, buf in kept.items():
+            moved = fn(buf)
+            kept[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        rest = dict(self._buffers)
+        self._buffers.clear()
+        self._buffers.update((name, kept[name] if name in kept else rest[name]) for name in order)
         return self
+
+    def __getstate__(self):
+        if self.budget_group is not None:
+            raise TypeError("AnyExpertsMoE: a layer with a budget_group cannot be pickled (a "
+                            "process group is a handle of this process); save its "
+                            "state_dict, or set budget_group = None first")
+        return super().__getstate__()
+
+    def __deepcopy__(self, memo):
+        # a process group is a handle, not state: the copy shares it
+        if self.budget_group is not None:
+            memo[id(self.budget_group)] = self.budget_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(nn.Module.__getstate__(self), memo))
+        return new
 
     @property
     def backend(self) -> str:
@@ -448,7 +528,13 @@ class AnyExpertsMoE(nn.Module):
                 raise ValueError(f"AnyExpertsMoE: modality must be an integer tensor of x's "
                                  f"leading shape {list(lead)} (or flattened, [{T}]), got "
                                  f"{modality.dtype} {list(modality.shape)}")
-        xh, rec, score = self._route(x2)
+        # the controller steers in training; a forward re-run by activation checkpointing
+        # routes with the bias its first run used and leaves the controller alone
+        # (with budget_sync every rank takes part, an empty batch too: it is a collective)
+        steer = self.training and c.slot_mode == "importance" and (T > 0 or c.budget_sync)
+        recompute = steer and _recomputing()
+        bias = self._routed_bias if recompute else self.importance_bias
+        xh, rec, score = self._route(x2, bias)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
         out = self._virtual(out, xh, rec.ids, rec.weights)
@@ -464,7 +550,7 @@ class AnyExpertsMoE(nn.Module):
         real_mean = real.sum().float() / max(T, 1)
         on = (self.budget_target > 0).float()
         if c.budget_loss_coef > 0 and score is not None and T > 0:
-            wb = torch.sigmoid(score + self.importance_bias)
+            wb = torch.sigmoid(score + bias)
             soft_real = (c.k_min + wb * (c.k_max - c.k_min)).mean() - virt.float().mean()
             bl = on * ((soft_real - self.budget_target) / c.k_max).square()
         else:
@@ -477,11 +563,18 @@ class AnyExpertsMoE(nn.Module):
 
         # budget controller: integral control of the importance bias, no gradient, no sync
         # (an empty batch has no mean to steer by)
-        if self.training and c.slot_mode == "importance" and T > 0:
+        if steer and not recompute:
             with torch.no_grad():
-                err = (self.budget_target - real_mean) / max(c.k_max - c.k_min, 1)
-                self.importance_bias.add_(on * c.controller_rate * err)
-                self.avg_real_ema.mul_(0.9).add_(0.1 * real_mean)
+                self._routed_bias.copy_(self.importance_bias)
+                if c.budget_sync:
+                    real_all, tokens_all = self._budget_counts(real.sum(), T)
+                    seen = (tokens_all > 0).float()
+                    mean = (real_all / tokens_all.clamp(min=1)).float()
+                else:
+                    seen, mean = 1.0, real_mean
+                err = (self.budget_target - mean) / max(c.k_max - c.k_min, 1)
+                self.importance_bias.add_(seen * on * c.controller_rate * err)
+                self.avg_real_ema.add_(seen * 0.1 * (mean - self.avg_real_ema))
 
         stats = None
         if c.compute_stats:
@@ -495,6 +588,16 @@ class AnyExpertsMoE(nn.Module):
         return out.reshape(*lead, c.hidden_size), aux
 
     # ---- budget --------------------------------------------------------------------------
+
+    def _budget_counts(self, real_total: Tensor, T) -> tuple[Tensor, Tensor]:
+        """(real slots, tokens), fp64, summed over the ranks of ``budget_group`` when
+        ``config.budget_sync`` is on and torch.distributed is initialised."""
+        counts = torch.stack([real_total.to(torch.float64),
+                              real_total.new_full((), T, dtype=torch.float64)])
+        if (self.config.budget_sync and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            torch.distributed.all_reduce(counts, group=self.budget_group)
+        return counts[0], counts[1]
 
     def set_budget(self, avg_real: Optional[float], x: Optional[Tensor] = None, *,
                    tol: float = 0.01) -> Optional[float]:
@@ -532,7 +635,8 @@ class AnyExpertsMoE(nn.Module):
             raise ValueError('calibrate_budget needs slot_mode "importance"')
         x2 = self._tokens(x)
         T = x2.shape[0]
-        if T == 0:
+        tokens = int(self._budget_counts(x2.new_zeros((), dtype=torch.float64), T)[1])
+        if tokens == 0:
             raise ValueError("calibrate_budget needs at least one token")
         score = self.importance(x2)
         _, rec, _ = self._route(x2)  # logits / cap rule as in forward
@@ -544,7 +648,7 @@ class AnyExpertsMoE(nn.Module):
             ids, _ = self._B.segmented_topk(logits, slots, self._caps(slots), c.k_max,
                                             c.num_experts, c.norm)
             real, _ = slot_counts(ids, c.num_experts)
-            return real.sum().item() / T
+            return self._budget_counts(real.sum(), T)[0].item() / tokens
 
         lo, hi = -40.0, 40.0
         f_lo, f_hi = measure(lo), measure(hi)

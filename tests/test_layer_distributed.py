@@ -1,0 +1,90 @@
+"""The budget controller across ranks (config.budget_sync): two gloo processes on the CPU.
+
+With budget_sync every rank steers by the Avg-K of all ranks' tokens, so the biases stay
+identical across ranks, without DDP's buffer broadcast (as under FSDP), and equal to one
+process's on the concatenated batch."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from test_layer import H, _layer
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+
+
+def _batches(seed):
+    """One batch per rank, rank 0's tokens far more important than rank 1's (scaled), and
+    an empty batch for rank 1 in the third step."""
+    g = torch.Generator().manual_seed(seed)
+    steps = [[torch.randn(48, H, generator=g) * 3.0, torch.randn(32, H, generator=g) * 0.3]
+             for _ in range(3)]
+    steps[2][1] = steps[2][1][:0]
+    calib = [torch.randn(64, H, generator=g) * 3.0, torch.randn(40, H, generator=g) * 0.3]
+    return steps, calib
+
+
+def _run(layer, steps, calib, rank=None):
+    """Training forwards (no backward: only the controller moves), then a calibration.
+    rank None: one process on the concatenated batches."""
+    pick = (lambda xs: torch.cat(xs)) if rank is None else (lambda xs: xs[rank])
+    biases = []
+    layer.train()
+    for xs in steps:
+        with torch.no_grad():
+            layer(pick(xs))
+        biases.append(layer.importance_bias.clone())
+    reached = layer.set_budget(3.0, pick(calib))
+    return torch.stack(biases), layer.importance_bias.clone(), layer.avg_real_ema.clone(), reached
+
+
+def _worker(rank, init, out_dir, state, seed, explicit_group):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        layer = _layer(target_avg_k=2.5, budget_sync=True)
+        layer.load_state_dict(state)
+        if explicit_group:
+            layer.budget_group = dist.new_group(list(range(WORLD)))
+            layer = copy.deepcopy(layer)  # a copy shares the group (it cannot be pickled)
+            assert layer.budget_group is not None
+            with pytest.raises(TypeError, match="budget_group"):
+                pickle.dumps(layer)
+        steps, calib = _batches(seed)
+        torch.save(_run(layer, steps, calib, rank), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("explicit_group", [False, True])
+def test_budget_sync_steers_every_rank_by_the_global_avg_k(tmp_path, explicit_group):
+    seed = int(torch.randint(0, 2**31, ()))
+    layer = _layer(target_avg_k=2.5, budget_sync=True)
+    state = copy.deepcopy(layer.state_dict())
+    mp.spawn(_worker, args=(f"file://{tmp_path}/store", str(tmp_path), state, seed,
+                                 explicit_group),
+             nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # one process (torch.distributed not initialised: budget_sync reduces over itself)
+    single = _run(layer, *_batches(seed))
+    for r, got in enumerate(ranks):
+        biases, bias, ema, reached = got
+        assert torch.equal(biases, single[0]), f"rank {r}: controller steps"
+        assert torch.equal(bias, single[1]), f"rank {r}: calibrated bias"
+        assert torch.equal(ema, single[2]), f"rank {r}: running mean"
+        assert reached == single[3]
+    # the ranks' batches differ enough that a per-rank controller would have diverged
+    local = _layer(target_avg_k=2.5)
+    local.load_state_dict(state)
+    local.train()
+    with torch.no_grad():
+        local(_batches(seed)[0][0][1])
+    assert not torch.equal(local.importance_bias, single[0][0])
