@@ -31,6 +31,8 @@ def _find_nvcc():
 
 def _cuda_enabled():
     mode = os.environ.get("ANYEXPERTS_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "off", "false", "no", "1", "on", "true", "yes"):
+        sys.exit(f"ANYEXPERTS_CUDA must be auto, 1 (on) or 0 (off), got {mode!r}")
     if mode in ("0", "off", "false", "no"):
         return False
     import torch

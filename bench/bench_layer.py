@@ -31,12 +31,13 @@ the very rows that layer's permute produced (same ops, same run), and
 ``routing_overhead = layer time - (gemm1 + activation + gemm2)``.
 
 Output: JSON {"gpu", "torch", "cuda", "date", "rows": [...], ...} to --out (default
-bench/results/layer.json) and a markdown table beside it (.md). The JSON is rewritten after
+bench/results/layer.json; with --quick a file in the temporary folder, so a smoke run never
+replaces the committed results) and a markdown table beside it (.md). The JSON is rewritten after
 every variant, so a run cut short keeps what it measured. A variant that fails records its
 error in its row and the run goes on.
 
     python bench/bench_layer.py                    # the three issue shapes (GPU, bf16)
-    python bench/bench_layer.py --quick            # tiny shapes, CPU-friendly (< 1 min)
+    python bench/bench_layer.py --quick            # tiny shapes, CPU-friendly (~1 min)
     python bench/bench_layer.py --shapes e128,e8   # a subset; or E16:H64:F32:T256:k8
     python bench/bench_layer.py --variants static,anyexperts,compiled   # layer rows only
 """
@@ -53,6 +54,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -1169,10 +1171,13 @@ def markdown(doc: dict) -> str:
 def build_argparser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "layer.json"),
-                   help="JSON path; the markdown table goes beside it (.md)")
+    p.add_argument("--out", default=None,
+                   help="JSON path; the markdown table goes beside it (.md). Default "
+                        "bench/results/layer.json, with --quick the temporary folder's "
+                        "anyexperts_layer_quick.json")
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes (q16, q4), few reps: a CPU smoke run in seconds")
+                   help="tiny shapes (q16, q4), few reps: a CPU smoke run of about a minute "
+                        "(one CPU thread unless --threads says otherwise)")
     p.add_argument("--shapes", default=None,
                    help="comma-separated: e128, e64, e8, q16, q4, a full name, or "
                         "E16:H64:F32:T256:k8 (default: e128,e64,e8; --quick: q16,q4)")
@@ -1185,7 +1190,8 @@ def build_argparser() -> argparse.ArgumentParser:
                    help="Avg-K targets that get the weight-0 rows (default all; --quick: "
                         "lowest)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads (CPU runs on busy machines: 1)")
+                   help="torch.set_num_threads (CPU runs on busy machines: 1; --quick on a "
+                        "CPU: 1 unless set)")
     p.add_argument("--variants", default="static,anyexperts,weight0,tight,compiled,gmm,eager",
                    help="subset of static,anyexperts,weight0,tight,compiled,gmm,eager "
                         "(compiled: static top-K and the lowest Avg-K under torch.compile)")
@@ -1224,6 +1230,11 @@ def main(argv=None) -> int:
     args = build_argparser().parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.out is None:
+        args.out = (os.path.join(tempfile.gettempdir(), "anyexperts_layer_quick.json")
+                    if args.quick else os.path.join(HERE, "results", "layer.json"))
+    if args.quick and not args.threads and not args.device.startswith("cuda"):
+        args.threads = 1  # tiny shapes: more threads only add wake-up noise to the timings
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = args.shapes or ("q16,q4" if args.quick else "e128,e64,e8")

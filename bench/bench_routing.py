@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-import anyexperts_ops  # noqa: E402,F401  (registers torch.ops.anyexperts)
+try:
+    import anyexperts_ops  # noqa: F401  (registers torch.ops.anyexperts)
+except ImportError:  # run from a source checkout without PYTHONPATH=python
+    sys.path.insert(0, str(ROOT / "python"))
+    import anyexperts_ops  # noqa: F401
 from provenance import code_commit  # noqa: E402  (bench/ is the script's own folder)
 
 ops = torch.ops.anyexperts

@@ -5,7 +5,9 @@ and meta tensors run instead."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -296,3 +298,16 @@ def test_library_load_failure_says_how_to_rebuild():
                          timeout=120).stdout
     assert "failed to load" in out and "--no-build-isolation" in out, out
     assert torch.__version__ in out, out
+
+
+def test_unbuilt_checkout_says_how_to_build(tmp_path):
+    """A package folder without a compiled library (a checkout's python/ before any build)
+    says so, rather than blaming the torch version."""
+    import anyexperts_ops
+    src = os.path.dirname(anyexperts_ops.__file__)
+    shutil.copytree(src, tmp_path / "anyexperts_ops", ignore=shutil.ignore_patterns("_C.*"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "try:\n    import anyexperts_ops\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path).stdout
+    assert "no compiled library" in out and "dev_build.sh" in out, out

@@ -15,7 +15,17 @@ from torch import Tensor
 
 try:
     from . import _C  # noqa: F401  (loads the library, registering the ops)
-except ImportError as e:  # most often a torch other than the one it was built against
+except ImportError as e:
+    import glob
+    import os
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(_here, "_C.*")):  # a source checkout never built
+        raise ImportError(
+            f"anyexperts_ops: no compiled library in {_here}: build it there with "
+            f"`bash scripts/dev_build.sh`, or install the package with `pip install "
+            f"--no-build-isolation .` and import it from outside the checkout's python/ "
+            f"(README, Building).") from e
+    # most often a torch other than the one it was built against
     raise ImportError(
         f"anyexperts_ops: the compiled library failed to load ({e}). It links the torch it "
         f"was built against, and this is torch {torch.__version__}: rebuild it with this "
