@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from anyexperts_ops.layer import AnyExpertsMoE
 from test_layer import H, _layer
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -34,23 +35,35 @@ def _batches(seed):
 
 def _run(layer, steps, calib, rank=None):
     """Training forwards (no backward: only the controller moves), then a calibration.
-    rank None: one process on the concatenated batches."""
+    rank None: one process on the concatenated batches. A manual controller steps after
+    every two forwards, the two halves of a rank's batch."""
     pick = (lambda xs: torch.cat(xs)) if rank is None else (lambda xs: xs[rank])
+    manual = layer.config.controller_step == "manual"
     biases = []
     layer.train()
     for xs in steps:
+        x = pick(xs)
         with torch.no_grad():
-            layer(pick(xs))
+            for part in (x.tensor_split(2) if manual else (x,)):
+                layer(part)
+        if manual:
+            layer.step_budget()
         biases.append(layer.importance_bias.clone())
     reached = layer.set_budget(3.0, pick(calib))
     return torch.stack(biases), layer.importance_bias.clone(), layer.avg_real_ema.clone(), reached
 
 
-def _worker(rank, init, out_dir, state, seed, explicit_group):
+def _worker(rank, init, out_dir, state, seed, explicit_group, step):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        layer = _layer(target_avg_k=2.5, budget_sync=True)
+        only_rank0 = dist.new_group([0])  # every rank creates every group
+        if rank == 1:  # a group this rank is not in is refused
+            outsider = _layer(target_avg_k=2.5, budget_sync=True, controller_step=step)
+            outsider.budget_group = only_rank0
+            with pytest.raises(RuntimeError, match="not in the layer's budget_group"):
+                _run(outsider, *_batches(seed), rank)
+        layer = _layer(target_avg_k=2.5, budget_sync=True, controller_step=step)
         layer.load_state_dict(state)
         if explicit_group:
             layer.budget_group = dist.new_group(list(range(WORLD)))
@@ -64,13 +77,14 @@ def _worker(rank, init, out_dir, state, seed, explicit_group):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("explicit_group", [False, True])
-def test_budget_sync_steers_every_rank_by_the_global_avg_k(tmp_path, explicit_group):
+@pytest.mark.parametrize("explicit_group,step", [(False, "forward"), (True, "forward"),
+                                                (False, "manual")])
+def test_budget_sync_steers_every_rank_by_the_global_avg_k(tmp_path, explicit_group, step):
     seed = int(torch.randint(0, 2**31, ()))
-    layer = _layer(target_avg_k=2.5, budget_sync=True)
+    layer = _layer(target_avg_k=2.5, budget_sync=True, controller_step=step)
     state = copy.deepcopy(layer.state_dict())
     mp.spawn(_worker, args=(f"file://{tmp_path}/store", str(tmp_path), state, seed,
-                                 explicit_group),
+                                 explicit_group, step),
              nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     # one process (torch.distributed not initialised: budget_sync reduces over itself)
@@ -82,9 +96,16 @@ def test_budget_sync_steers_every_rank_by_the_global_avg_k(tmp_path, explicit_gr
         assert torch.equal(ema, single[2]), f"rank {r}: running mean"
         assert reached == single[3]
     # the ranks' batches differ enough that a per-rank controller would have diverged
-    local = _layer(target_avg_k=2.5)
+    local = _layer(target_avg_k=2.5, controller_step=step)
     local.load_state_dict(state)
     local.train()
     with torch.no_grad():
         local(_batches(seed)[0][0][1])
+    if step == "manual":
+        local.step_budget()
     assert not torch.equal(local.importance_bias, single[0][0])
+
+
+def test_budget_group_needs_budget_sync():
+    with pytest.raises(ValueError, match="budget_sync"):
+        AnyExpertsMoE(_layer().config, budget_group=object())

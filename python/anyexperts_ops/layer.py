@@ -43,6 +43,7 @@ VIRTUAL_KINDS = ("zero", "copy", "const")
 SLOT_MODES = ("importance", "static", "top_p")
 IMPORTANCE_KINDS = ("mlp", "wide", "deep")
 BACKENDS = ("ops", "reference")
+CONTROLLER_STEPS = ("forward", "manual")
 NORMS = ("none", "selected", "real")
 
 
@@ -94,6 +95,7 @@ class AnyExpertsConfig:
     # budget control (slot_mode "importance")
     target_avg_k: Optional[float] = None     # target mean real slots per token (Avg-K)
     controller_rate: float = 2.0             # bias step = rate * (target - Avg-K) / (K_max - K_min)
+    controller_step: str = "forward"         # "forward": step per training forward; "manual": step_budget()
     budget_sync: bool = False                # Avg-K over every rank (torch.distributed all-reduce)
     # statistics
     compute_stats: bool = True
@@ -166,6 +168,8 @@ class AnyExpertsConfig:
         need(self.norm in NORMS, f"norm must be in {NORMS}")
         need(self.align >= 1, "align must be >= 1")
         need(self.backend in BACKENDS, f"backend must be in {BACKENDS}")
+        need(self.controller_step in CONTROLLER_STEPS,
+             f"controller_step must be in {CONTROLLER_STEPS}")
         need(self.num_modalities >= 0 and self.importance_bins >= 1,
              "num_modalities >= 0 and importance_bins >= 1")
         if self.target_avg_k is not None:
@@ -266,8 +270,6 @@ class AnyExpertsMoE(nn.Module):
 
     def __init__(self, config: AnyExpertsConfig, *, device=None, dtype=None, budget_group=None):
         super().__init__()
-        # the process group config.budget_sync reduces over (None: the default group)
-        self.budget_group = budget_group
         config.validate()
         # a copy: set_budget writes target_avg_k, which must not reach other layers built
         # from the same config object
@@ -296,7 +298,11 @@ class AnyExpertsMoE(nn.Module):
         for name, values in self._virtual_tables().items():
             self.register_buffer(name, torch.tensor(values, dtype=torch.int32, device=bdev),
                                  persistent=False)
+        # (real slots, tokens) of the training forwards since the last step_budget() (manual)
+        self.register_buffer("_budget_pending", torch.zeros(2, dtype=torch.float64, device=bdev),
+                             persistent=False)
         self.backend = c.backend
+        self.budget_group = budget_group
         self.reset_parameters()
         if self.importance is not None and c.hsm_alpha == 0.0 and c.budget_loss_coef == 0.0 \
                 and (c.iar_scale == 0.0 or M == 0):
@@ -323,10 +329,10 @@ class AnyExpertsMoE(nn.Module):
                         mod.reset_parameters()
             if self.const_vectors is not None:
                 self.const_vectors.zero_()
-            for name in ("importance_bias", "avg_real_ema", "_routed_bias"):
+            for name in ("importance_bias", "avg_real_ema"):
                 getattr(self, name).zero_()
             self.budget_target.fill_(float(self.config.target_avg_k or 0.0))
-        self._write_virtual_tables()
+        self._write_unsaved_buffers()
 
     def _virtual_tables(self) -> dict:
         """The non-persistent int32 tables, which follow from the config alone."""
@@ -341,30 +347,39 @@ class AnyExpertsMoE(nn.Module):
         return {"_virtual_sources": codes,
                 "_virtual_caps": [c.virtual_cap(k) for k in range(c.k_max + 1)]}
 
-    def _write_virtual_tables(self) -> None:
-        # In place where they exist (a captured CUDA graph keeps reading the same memory);
-        # rebuilt beside the weights where they are still meta (load_state_dict(assign=True)).
+    def _write_unsaved_buffers(self) -> None:
+        """The buffers a state_dict does not hold: the tables from the config, the transient
+        controller state zero. In place where they exist (a captured CUDA graph keeps reading
+        the same memory); made beside the weights where they are still meta (after
+        load_state_dict(assign=True))."""
         device = self.w_gate_up.device
-        for name, values in self._virtual_tables().items():
-            buf = getattr(self, name)
-            if not buf.is_meta:
-                buf.copy_(torch.tensor(values, dtype=torch.int32))
-            elif device.type != "meta":
-                setattr(self, name, torch.tensor(values, dtype=torch.int32, device=device))
+        values = {name: torch.tensor(v, dtype=torch.int32)
+                  for name, v in self._virtual_tables().items()}
+        values["_routed_bias"] = torch.zeros((), dtype=torch.float32)
+        values["_budget_pending"] = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for name, value in values.items():
+                buf = getattr(self, name)
+                if not buf.is_meta:
+                    buf.copy_(value)
+                elif device.type != "meta":
+                    setattr(self, name, value.to(device))
 
     def _load_from_state_dict(self, *args, **kwargs):
-        # The tables are not in a state_dict: after to_empty they hold garbage and a load
-        # must write them too, or the virtual cap and kinds are silently wrong.
+        # after to_empty the unsaved buffers hold garbage: a load must write them too, or
+        # the virtual cap and kinds are silently wrong
         super()._load_from_state_dict(*args, **kwargs)
-        self._write_virtual_tables()
+        self._write_unsaved_buffers()
 
-    _FP32_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema", "_routed_bias")
+    # buffers whose dtype is part of their meaning: .to(bf16) leaves them alone
+    _STATE_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema", "_routed_bias",
+                      "_budget_pending")
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
         # the conversion and only follows the device change.
         order = list(self._buffers)
-        kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS}
+        kept = {name: self._buffers.pop(name) for name in self._STATE_BUFFERS}
         try:
             super()._apply(fn, *args, **kwargs)
         except BaseException:
@@ -378,6 +393,17 @@ class AnyExpertsMoE(nn.Module):
         self._buffers.update((name, kept[name] if name in kept else rest[name]) for name in order)
         return self
 
+    @property
+    def budget_group(self):
+        """The process group ``config.budget_sync`` reduces over (None: the default group)."""
+        return self._budget_group
+
+    @budget_group.setter
+    def budget_group(self, group) -> None:
+        if group is not None and not self.config.budget_sync:
+            raise ValueError("AnyExpertsMoE: a budget_group needs config.budget_sync=True")
+        self._budget_group = group
+
     def __getstate__(self):
         if self.budget_group is not None:
             raise TypeError("AnyExpertsMoE: a layer with a budget_group cannot be pickled (a "
@@ -387,8 +413,8 @@ class AnyExpertsMoE(nn.Module):
 
     def __deepcopy__(self, memo):
         # a process group is a handle, not state: the copy shares it
-        if self.budget_group is not None:
-            memo[id(self.budget_group)] = self.budget_group
+        if self._budget_group is not None:
+            memo[id(self._budget_group)] = self._budget_group
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(nn.Module.__getstate__(self), memo))
@@ -528,12 +554,13 @@ class AnyExpertsMoE(nn.Module):
                 raise ValueError(f"AnyExpertsMoE: modality must be an integer tensor of x's "
                                  f"leading shape {list(lead)} (or flattened, [{T}]), got "
                                  f"{modality.dtype} {list(modality.shape)}")
-        # the controller steers in training; a forward re-run by activation checkpointing
-        # routes with the bias its first run used and leaves the controller alone
-        # (with budget_sync every rank takes part, an empty batch too: it is a collective)
+        # The controller steers in training. A forward re-run by activation checkpointing
+        # leaves it alone and, where it stepped in forward, routes with the bias the first run
+        # used. With budget_sync every rank takes part, an empty batch too: a collective.
+        forward_step = c.controller_step == "forward"
         steer = self.training and c.slot_mode == "importance" and (T > 0 or c.budget_sync)
         recompute = steer and _recomputing()
-        bias = self._routed_bias if recompute else self.importance_bias
+        bias = self._routed_bias if recompute and forward_step else self.importance_bias
         xh, rec, score = self._route(x2, bias)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
@@ -547,7 +574,6 @@ class AnyExpertsMoE(nn.Module):
         lb = load_balance_loss(rec.ids, rec.logits, N, counts=counts)
         zl = router_z_loss(rec.logits) if c.z_loss_coef > 0 else zero
         real, virt = slot_counts(rec.ids, N)
-        real_mean = real.sum().float() / max(T, 1)
         on = (self.budget_target > 0).float()
         if c.budget_loss_coef > 0 and score is not None and T > 0:
             wb = torch.sigmoid(score + bias)
@@ -562,19 +588,15 @@ class AnyExpertsMoE(nn.Module):
             loss = loss + c.budget_loss_coef * bl
 
         # budget controller: integral control of the importance bias, no gradient, no sync
-        # (an empty batch has no mean to steer by)
         if steer and not recompute:
             with torch.no_grad():
-                self._routed_bias.copy_(self.importance_bias)
-                if c.budget_sync:
-                    real_all, tokens_all = self._budget_counts(real.sum(), T)
-                    seen = (tokens_all > 0).float()
-                    mean = (real_all / tokens_all.clamp(min=1)).float()
+                seen = torch.stack([real.sum().to(torch.float64),
+                                    real.new_full((), T, dtype=torch.float64)])
+                if forward_step:
+                    self._routed_bias.copy_(self.importance_bias)
+                    self._controller_step(self._reduce_counts(seen))
                 else:
-                    seen, mean = 1.0, real_mean
-                err = (self.budget_target - mean) / max(c.k_max - c.k_min, 1)
-                self.importance_bias.add_(seen * on * c.controller_rate * err)
-                self.avg_real_ema.add_(seen * 0.1 * (mean - self.avg_real_ema))
+                    self._budget_pending.add_(seen)
 
         stats = None
         if c.compute_stats:
@@ -589,15 +611,42 @@ class AnyExpertsMoE(nn.Module):
 
     # ---- budget --------------------------------------------------------------------------
 
-    def _budget_counts(self, real_total: Tensor, T) -> tuple[Tensor, Tensor]:
+    def _reduce_counts(self, counts: Tensor) -> Tensor:
         """(real slots, tokens), fp64, summed over the ranks of ``budget_group`` when
         ``config.budget_sync`` is on and torch.distributed is initialised."""
-        counts = torch.stack([real_total.to(torch.float64),
-                              real_total.new_full((), T, dtype=torch.float64)])
-        if (self.config.budget_sync and torch.distributed.is_available()
+        if not (self.config.budget_sync and torch.distributed.is_available()
                 and torch.distributed.is_initialized()):
-            torch.distributed.all_reduce(counts, group=self.budget_group)
-        return counts[0], counts[1]
+            return counts
+        group = self._budget_group
+        if group is not None and torch.distributed.get_rank(group) < 0:
+            raise RuntimeError("AnyExpertsMoE: this rank is not in the layer's budget_group")
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts, group=group)
+        return counts
+
+    def _controller_step(self, counts: Tensor) -> None:
+        """One integral step of the bias toward the target on the mean real slots per
+        token of ``counts`` (none when it holds no token)."""
+        c = self.config
+        seen = (counts[1] > 0).float()
+        mean = (counts[0] / counts[1].clamp(min=1)).float()
+        on = (self.budget_target > 0).float()
+        err = (self.budget_target - mean) / max(c.k_max - c.k_min, 1)
+        self.importance_bias.add_(seen * on * c.controller_rate * err)
+        self.avg_real_ema.add_(seen * 0.1 * (mean - self.avg_real_ema))
+
+    @torch.no_grad()
+    def step_budget(self) -> None:
+        """``controller_step="manual"``: one controller step on the Avg-K of the training
+        forwards since the last call (of every rank, with budget_sync: a collective), after
+        which that count restarts. Call it once the backward passes are done (beside
+        ``optimizer.step()``): the bias then stays put from a forward to its recompute under
+        activation checkpointing, whatever runs in between. No host sync."""
+        if self.config.controller_step != "manual":
+            raise RuntimeError('AnyExpertsMoE.step_budget needs config.controller_step="manual" '
+                               "(the default steps in every training forward)")
+        self._controller_step(self._reduce_counts(self._budget_pending))
+        self._budget_pending.zero_()
 
     def set_budget(self, avg_real: Optional[float], x: Optional[Tensor] = None, *,
                    tol: float = 0.01) -> Optional[float]:
@@ -635,7 +684,11 @@ class AnyExpertsMoE(nn.Module):
             raise ValueError('calibrate_budget needs slot_mode "importance"')
         x2 = self._tokens(x)
         T = x2.shape[0]
-        tokens = int(self._budget_counts(x2.new_zeros((), dtype=torch.float64), T)[1])
+        def counts(real_total):
+            return self._reduce_counts(torch.stack([real_total.to(torch.float64),
+                                                    x2.new_full((), T, dtype=torch.float64)]))
+
+        tokens = int(counts(x2.new_zeros(()))[1])
         if tokens == 0:
             raise ValueError("calibrate_budget needs at least one token")
         score = self.importance(x2)
@@ -648,13 +701,14 @@ class AnyExpertsMoE(nn.Module):
             ids, _ = self._B.segmented_topk(logits, slots, self._caps(slots), c.k_max,
                                             c.num_experts, c.norm)
             real, _ = slot_counts(ids, c.num_experts)
-            return self._budget_counts(real.sum(), T)[0].item() / tokens
+            return counts(real.sum())[0].item() / tokens
 
         lo, hi = -40.0, 40.0
         f_lo, f_hi = measure(lo), measure(hi)
         best_b, best_f = (lo, f_lo) if abs(f_lo - avg_real) < abs(f_hi - avg_real) else (hi, f_hi)
+        reachable = f_lo <= avg_real <= f_hi  # an end that hits it exactly is no miss
         if not f_lo < avg_real < f_hi:
-            if not f_lo <= avg_real <= f_hi:  # an end that hits it exactly is no miss
+            if not reachable:
                 warnings.warn(f"Avg-K {avg_real} is outside what this batch reaches "
                               f"([{f_lo:.3f}, {f_hi:.3f}]); using the nearest end")
         else:
@@ -669,7 +723,7 @@ class AnyExpertsMoE(nn.Module):
                     lo = mid
                 else:
                     hi = mid
-        if abs(best_f - avg_real) > tol * avg_real:
+        if reachable and abs(best_f - avg_real) > tol * avg_real:
             warnings.warn(f"calibrated Avg-K {best_f:.4f} misses {avg_real} by more than "
                           f"{tol:.1%} (too few tokens for that resolution?)")
         self.importance_bias.fill_(best_b)
