@@ -85,3 +85,29 @@ def test_tiny_study_runs(tmp_path):
         p = tmp_path / f
         assert p.exists() and 0 < p.stat().st_size < 300_000, f
     assert {"heatmap_anyexperts_t2.png", "accuracy_vs_avgk.png"} <= set(res["figures"])
+
+
+def test_seeds_table_aggregates_runs(tmp_path):
+    """seeds.py: mean (min-max) of each column over the runs, one row per model."""
+    sys.path.insert(0, EXAMPLE)
+    try:
+        import seeds
+    finally:
+        sys.path.remove(EXAMPLE)
+
+    def run(seed, acc, image):
+        metrics = {"avg_k_real": 2.0, "avg_k_real_by_modality": {"image": image, "text": 3.0},
+                   "accuracy": acc, "real_per_fg_patch": 1.5, "real_per_bg_patch": 2.5}
+        return {"hyper": {"seed": seed}, "models": {"m": {"metrics": metrics}}}
+
+    paths = []
+    for seed, acc, image in ((0, 0.80, 1.0), (1, 0.90, 2.0), (2, 0.85, 3.0)):
+        p = tmp_path / f"r{seed}.json"
+        p.write_text(json.dumps(run(seed, acc, image)))
+        paths.append(str(p))
+    seeds.main([*paths, "--out", str(tmp_path / "seeds.md")])
+    text = (tmp_path / "seeds.md").read_text()
+    assert "over seeds 0, 1, 2" in text
+    assert "| m | 2.00 (2.00-2.00) | 2.00 (1.00-3.00) | 3.00 (3.00-3.00) | 85.0 (80.0-90.0) |" in text
+    with pytest.raises(SystemExit, match="same seed"):
+        seeds.main([paths[0], paths[0], "--out", str(tmp_path / "x.md")])
