@@ -15,6 +15,11 @@ from anyexperts_ops.layer import AnyExpertsMoE
 from test_layer import FFN, H, _close, _layer
 
 
+DEVICES = pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -116,21 +121,23 @@ def test_dtype_conversion_keeps_the_controller_state_exact():
 
 def _step(m, x, wrap, with_aux=True):
     out, aux = wrap(m, x)
-    target = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    target = torch.sin(torch.arange(out.numel(), dtype=out.dtype, device=out.device))
+    target = target.view_as(out)
     loss = (out * target).sum()
     (loss + aux.loss if with_aux else loss).backward()
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_routes_as_the_first_run(use_reentrant):
+@DEVICES
+def test_activation_checkpointing_routes_as_the_first_run(use_reentrant, device):
     """The recompute runs after the controller moved the bias: it must route with the bias
     the first run used, and not step the controller again."""
-    m = _trained().double()  # fp64: the gradients differ by the sums' order alone
+    m = _trained().double().to(device)  # fp64: the gradients differ by the sums' order alone
     with torch.no_grad():
         m.importance_bias.fill_(0.3)  # far from the target: the controller takes a big step
     m_ckpt = copy.deepcopy(m)
-    x = torch.randn(64, H, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(64, H, dtype=torch.float64, device=device, requires_grad=True)
 
     def plain(layer, x):
         return layer(x)
@@ -152,26 +159,28 @@ def test_activation_checkpointing_routes_as_the_first_run(use_reentrant):
         assert torch.equal(getattr(m_ckpt, n), getattr(m, n)), n
 
 
-def test_manual_controller_survives_interleaved_forwards():
+@DEVICES
+def test_manual_controller_survives_interleaved_forwards(device):
     """controller_step="manual": the bias moves only in step_budget, so micro-batches whose
     forwards all run before their backwards (pipeline schedules), and a train-mode forward
     under no_grad in between, recompute exactly; then one step on all their tokens."""
-    m = _trained(controller_step="manual").double()
+    m = _trained(controller_step="manual").double().to(device)
     m.step_budget()  # of the training so far
     with torch.no_grad():
         m.importance_bias.fill_(0.3)
     m_ckpt = copy.deepcopy(m)
-    xs = [torch.randn(40, H, dtype=torch.float64) for _ in range(3)]
+    xs = [torch.randn(40, H, dtype=torch.float64, device=device) for _ in range(3)]
 
     def loss(out, aux):
-        target = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+        target = torch.sin(torch.arange(out.numel(), dtype=out.dtype, device=out.device))
+        target = target.view_as(out)
         return (out * target).sum() + aux.loss
 
     for x in xs:
         loss(*m(x)).backward()
     losses = [loss(*checkpoint(m_ckpt, x, use_reentrant=False)) for x in xs]
     with torch.no_grad():
-        m_ckpt(torch.randn(8, H, dtype=torch.float64))  # logged in train mode: counted, routes with the same bias
+        m_ckpt(torch.randn(8, H, dtype=torch.float64, device=device))  # logged in train mode: counted, routes with the same bias
     for l in reversed(losses):
         l.backward()
     grads = {n: p.grad for n, p in m.named_parameters()}
