@@ -109,3 +109,36 @@ def test_budget_sync_steers_every_rank_by_the_global_avg_k(tmp_path, explicit_gr
 def test_budget_group_needs_budget_sync():
     with pytest.raises(ValueError, match="budget_sync"):
         AnyExpertsMoE(_layer().config, budget_group=object())
+
+
+def _ddp_worker(rank, init, out_dir, state, seed):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        layer = _layer(target_avg_k=2.5, budget_sync=True, controller_step="manual")
+        layer.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(layer)  # broadcasts buffers
+        steps, _ = _batches(seed)
+        for x in steps[0][rank].tensor_split(2):  # micro-batches, gradients synced each
+            out, aux = ddp(x)
+            (out.square().mean() + aux.loss).backward()
+        layer.step_budget()
+        torch.save(layer.importance_bias.clone(), f"{out_dir}/ddp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_manual_counts_are_not_broadcast_by_ddp(tmp_path):
+    """DDP copies rank 0's buffers to every rank before each forward: the manual
+    controller's counts must not be among them, or rank 1's first micro-batch is lost."""
+    seed = int(torch.randint(0, 2**31, ()))
+    layer = _layer(target_avg_k=2.5, budget_sync=True, controller_step="manual")
+    state = copy.deepcopy(layer.state_dict())
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path}/store", str(tmp_path), state, seed),
+             nprocs=WORLD, join=True)
+    layer.train()
+    with torch.no_grad():
+        layer(torch.cat(_batches(seed)[0][0]))
+    layer.step_budget()
+    for r in range(WORLD):
+        assert torch.equal(torch.load(tmp_path / f"ddp{r}.pt"), layer.importance_bias), r

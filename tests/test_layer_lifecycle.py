@@ -8,10 +8,11 @@ from fractions import Fraction
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from anyexperts_ops import presets
 from anyexperts_ops.layer import AnyExpertsMoE
+from anyexperts_ops.stats import slot_counts
 from test_layer import FFN, H, _close, _layer
 
 
@@ -65,6 +66,13 @@ def _grads_close(got, want):
         _close(got[n], want[n], n, rtol=1e-9, scale=scale)
 
 
+def _checkpoint(layer, x, use_reentrant):
+    """torch.utils.checkpoint, its recompute running the whole forward (PyTorch's default
+    non-reentrant mode stops once the saved tensors are back, before the controller code)."""
+    with set_checkpoint_early_stop(False):
+        return checkpoint(layer, x, use_reentrant=use_reentrant)
+
+
 def _on_meta(config):
     with torch.device("meta"):
         return AnyExpertsMoE(copy.deepcopy(config))
@@ -73,12 +81,14 @@ def _on_meta(config):
 def test_meta_then_to_empty_and_reset_parameters_is_a_fresh_layer():
     ref = _layer(target_avg_k=3.0)
     m = _on_meta(ref.config).to_empty(device="cpu")
-    for name in ("_virtual_sources", "_virtual_caps", "importance_bias", "avg_real_ema"):
+    for name in ("_virtual_sources", "_virtual_caps", "importance_bias", "avg_real_ema",
+                 "_routed_bias", "_budget_pending"):
         getattr(m, name).fill_(1000)  # what to_empty may leave there
     m.reset_parameters()
     assert _tables(m) == _tables(ref)
     assert float(m.importance_bias) == 0.0 and float(m.avg_real_ema) == 0.0
     assert float(m.budget_target) == 3.0
+    assert float(m._routed_bias) == 0.0 and not m._budget_pending.any()
     # every parameter freshly drawn, with the default init's bounds (importance net included)
     for (n, p), (_, p_ref) in zip(m.named_parameters(), ref.named_parameters()):
         assert torch.isfinite(p).all(), n
@@ -98,6 +108,7 @@ def test_meta_then_load_state_dict_is_the_saved_layer(assign):
             getattr(m, name).fill_(1 << 20)  # garbage a load alone must fix
     m.load_state_dict(sd, assign=assign)
     _assert_same_layer(m, ref)
+    assert not m._budget_pending.any()  # to_empty from meta leaves the counts zero
     # the unsaved controller state exists on the weights' device: a checkpointed training
     # step runs, and routes as the saved layer
     m, ref = m.double().train(), ref.double().train()
@@ -143,7 +154,7 @@ def test_activation_checkpointing_routes_as_the_first_run(use_reentrant, device)
         return layer(x)
 
     def ckpt(layer, x):
-        return checkpoint(layer, x, use_reentrant=use_reentrant)
+        return _checkpoint(layer, x, use_reentrant)
 
     # reentrant checkpointing gives a graph to tensor outputs only: aux.loss comes back
     # without one (README), so compare the output's gradients
@@ -159,8 +170,9 @@ def test_activation_checkpointing_routes_as_the_first_run(use_reentrant, device)
         assert torch.equal(getattr(m_ckpt, n), getattr(m, n)), n
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
 @DEVICES
-def test_manual_controller_survives_interleaved_forwards(device):
+def test_manual_controller_survives_interleaved_forwards(use_reentrant, device):
     """controller_step="manual": the bias moves only in step_budget, so micro-batches whose
     forwards all run before their backwards (pipeline schedules), and a train-mode forward
     under no_grad in between, recompute exactly; then one step on all their tokens."""
@@ -169,20 +181,27 @@ def test_manual_controller_survives_interleaved_forwards(device):
     with torch.no_grad():
         m.importance_bias.fill_(0.3)
     m_ckpt = copy.deepcopy(m)
-    xs = [torch.randn(40, H, dtype=torch.float64, device=device) for _ in range(3)]
+    xs = [torch.randn(40, H, dtype=torch.float64, device=device, requires_grad=True)
+          for _ in range(3)]
 
     def loss(out, aux):
         target = torch.sin(torch.arange(out.numel(), dtype=out.dtype, device=out.device))
         target = target.view_as(out)
-        return (out * target).sum() + aux.loss
+        # reentrant checkpointing returns aux without a graph (README)
+        return (out * target).sum() + (0 if use_reentrant else aux.loss)
 
     for x in xs:
         loss(*m(x)).backward()
-    losses = [loss(*checkpoint(m_ckpt, x, use_reentrant=False)) for x in xs]
+    losses = [loss(*_checkpoint(m_ckpt, x, use_reentrant)) for x in xs]
+    logged = torch.randn(8, H, dtype=torch.float64, device=device)
     with torch.no_grad():
-        m_ckpt(torch.randn(8, H, dtype=torch.float64, device=device))  # logged in train mode: counted, routes with the same bias
+        m_ckpt(logged)  # a train-mode forward, logged: counted, routes with the same bias
     for l in reversed(losses):
         l.backward()
+    # every forward counted once, none of the recomputes
+    real_logged = int(slot_counts(m.route(logged).ids, m.config.num_experts)[0].sum())
+    assert m._budget_pending[1] == 120 and m_ckpt._budget_pending[1] == 128
+    assert m_ckpt._budget_pending[0] == m._budget_pending[0] + real_logged
     grads = {n: p.grad for n, p in m.named_parameters()}
     _grads_close({n: p.grad for n, p in m_ckpt.named_parameters()}, grads)
     assert float(m.importance_bias) == float(m_ckpt.importance_bias) == pytest.approx(0.3)

@@ -240,6 +240,19 @@ def _recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def _counts(real_total: Tensor, T) -> Tensor:
+    """The controller's measurement: (real slots, tokens), fp64 (exact to 2^53 tokens)."""
+    return torch.stack([real_total.to(torch.float64),
+                        real_total.new_full((), T, dtype=torch.float64)])
+
+
+def _same_dtype(fn, t: Tensor) -> Tensor:
+    """fn(t) (an nn.Module._apply conversion), or t moved to its device where fn would
+    change the dtype."""
+    moved = fn(t)
+    return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+
 def _backend_module(name: str):
     if name == "ops":
         from . import ops
@@ -291,16 +304,10 @@ class AnyExpertsMoE(nn.Module):
         self.register_buffer("budget_target", torch.tensor(
             float(c.target_avg_k or 0.0), dtype=torch.float32, device=bdev))
         self.register_buffer("avg_real_ema", torch.zeros((), dtype=torch.float32, device=bdev))
-        # the bias the last training forward routed with, for its recompute under activation
-        # checkpointing (the controller has moved importance_bias since)
-        self.register_buffer("_routed_bias", torch.zeros((), dtype=torch.float32, device=bdev),
-                             persistent=False)
-        for name, values in self._virtual_tables().items():
-            self.register_buffer(name, torch.tensor(values, dtype=torch.int32, device=bdev),
-                                 persistent=False)
-        # (real slots, tokens) of the training forwards since the last step_budget() (manual)
-        self.register_buffer("_budget_pending", torch.zeros(2, dtype=torch.float64, device=bdev),
-                             persistent=False)
+        for name, value in self._virtual_tables().items():
+            self.register_buffer(name, value.to(device=bdev), persistent=False)
+        for name, value in self._TRANSIENT.items():
+            setattr(self, name, value().to(device=bdev))
         self.backend = c.backend
         self.budget_group = budget_group
         self.reset_parameters()
@@ -329,13 +336,14 @@ class AnyExpertsMoE(nn.Module):
                         mod.reset_parameters()
             if self.const_vectors is not None:
                 self.const_vectors.zero_()
-            for name in ("importance_bias", "avg_real_ema"):
+            for name in ("importance_bias", "avg_real_ema", *self._TRANSIENT):
                 getattr(self, name).zero_()
             self.budget_target.fill_(float(self.config.target_avg_k or 0.0))
-        self._write_unsaved_buffers()
+        self._write_virtual_tables()
 
     def _virtual_tables(self) -> dict:
-        """The non-persistent int32 tables, which follow from the config alone."""
+        """The non-persistent int32 tables, which follow from the config alone (on the CPU,
+        or the meta device under a meta device context)."""
         c = self.config
         # add_virtual's code of each virtual expert: -1 zero, -2 copy, c: const_vectors[c]
         codes = [-2 if k == "copy" else -1 for k in c.virtual_kinds]
@@ -344,21 +352,16 @@ class AnyExpertsMoE(nn.Module):
         # V(K) = floor(rho_max * K) for K in [0, K_max], in Python integers: the product
         # rho_num * K overflows int32 (and int64) for a float rho such as 1/3, read as
         # 3333333333333333/10^16
-        return {"_virtual_sources": codes,
-                "_virtual_caps": [c.virtual_cap(k) for k in range(c.k_max + 1)]}
+        return {"_virtual_sources": torch.tensor(codes, dtype=torch.int32),
+                "_virtual_caps": torch.tensor([c.virtual_cap(k) for k in range(c.k_max + 1)],
+                                              dtype=torch.int32)}
 
-    def _write_unsaved_buffers(self) -> None:
-        """The buffers a state_dict does not hold: the tables from the config, the transient
-        controller state zero. In place where they exist (a captured CUDA graph keeps reading
-        the same memory); made beside the weights where they are still meta (after
-        load_state_dict(assign=True))."""
+    def _write_virtual_tables(self) -> None:
+        # In place where they exist (a captured CUDA graph keeps reading the same memory);
+        # made beside the weights where they are still meta (load_state_dict(assign=True)).
         device = self.w_gate_up.device
-        values = {name: torch.tensor(v, dtype=torch.int32)
-                  for name, v in self._virtual_tables().items()}
-        values["_routed_bias"] = torch.zeros((), dtype=torch.float32)
-        values["_budget_pending"] = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for name, value in values.items():
+            for name, value in self._virtual_tables().items():
                 buf = getattr(self, name)
                 if not buf.is_meta:
                     buf.copy_(value)
@@ -366,14 +369,23 @@ class AnyExpertsMoE(nn.Module):
                     setattr(self, name, value.to(device))
 
     def _load_from_state_dict(self, *args, **kwargs):
-        # after to_empty the unsaved buffers hold garbage: a load must write them too, or
-        # the virtual cap and kinds are silently wrong
+        # the tables are not saved: after to_empty they hold garbage, and a load must write
+        # them too, or the virtual cap and kinds are silently wrong
         super()._load_from_state_dict(*args, **kwargs)
-        self._write_unsaved_buffers()
+        self._write_virtual_tables()
 
-    # buffers whose dtype is part of their meaning: .to(bf16) leaves them alone
-    _STATE_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema", "_routed_bias",
-                      "_budget_pending")
+    # The controller's transient state: plain tensor attributes, not buffers, because DDP
+    # broadcasts every buffer from rank 0 before a forward, which would replace each rank's
+    # own counts. _apply moves them; _transient() also follows movers that only see buffers.
+    _TRANSIENT = {
+        # the bias the last training forward routed with, for its recompute under activation
+        # checkpointing (the per-forward controller has moved importance_bias since)
+        "_routed_bias": lambda: torch.zeros((), dtype=torch.float32),
+        # (real slots, tokens) of the training forwards since the last step_budget()
+        "_budget_pending": lambda: torch.zeros(2, dtype=torch.float64),
+    }
+    # state whose dtype is part of its meaning: .to(bf16) leaves it alone
+    _STATE_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema")
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
@@ -382,16 +394,27 @@ class AnyExpertsMoE(nn.Module):
         kept = {name: self._buffers.pop(name) for name in self._STATE_BUFFERS}
         try:
             super()._apply(fn, *args, **kwargs)
-        except BaseException:
-            self._buffers.update(kept)
-            raise
-        for name, buf in kept.items():
-            moved = fn(buf)
-            kept[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
-        rest = dict(self._buffers)
-        self._buffers.clear()
-        self._buffers.update((name, kept[name] if name in kept else rest[name]) for name in order)
+            for name, t in kept.items():
+                kept[name] = _same_dtype(fn, t)
+            for name, make in self._TRANSIENT.items():
+                t = getattr(self, name)  # from meta (to_empty): zero, not garbage
+                setattr(self, name, make().to(fn(t).device) if t.is_meta else _same_dtype(fn, t))
+        finally:
+            rest = dict(self._buffers)
+            self._buffers.clear()
+            self._buffers.update((name, kept[name] if name in kept else rest[name])
+                                 for name in order)
         return self
+
+    def _transient(self) -> tuple[Tensor, Tensor]:
+        """(_routed_bias, _budget_pending) on the buffers' device: FSDP2 moves buffers
+        without _apply."""
+        device = self.importance_bias.device
+        for name, make in self._TRANSIENT.items():
+            t = getattr(self, name)
+            if t.device != device:
+                setattr(self, name, make().to(device) if t.is_meta else t.to(device))
+        return self._routed_bias, self._budget_pending
 
     @property
     def budget_group(self):
@@ -560,7 +583,8 @@ class AnyExpertsMoE(nn.Module):
         forward_step = c.controller_step == "forward"
         steer = self.training and c.slot_mode == "importance" and (T > 0 or c.budget_sync)
         recompute = steer and _recomputing()
-        bias = self._routed_bias if recompute and forward_step else self.importance_bias
+        routed_bias, pending = self._transient()
+        bias = routed_bias if recompute and forward_step else self.importance_bias
         xh, rec, score = self._route(x2, bias)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
@@ -587,16 +611,16 @@ class AnyExpertsMoE(nn.Module):
         if c.budget_loss_coef > 0:
             loss = loss + c.budget_loss_coef * bl
 
-        # budget controller: integral control of the importance bias, no gradient, no sync
+        # budget controller: integral control of the importance bias, no gradient; no host
+        # sync (with budget_sync and the per-forward controller: one collective)
         if steer and not recompute:
             with torch.no_grad():
-                seen = torch.stack([real.sum().to(torch.float64),
-                                    real.new_full((), T, dtype=torch.float64)])
+                seen = _counts(real.sum(), T)
                 if forward_step:
-                    self._routed_bias.copy_(self.importance_bias)
+                    routed_bias.copy_(self.importance_bias)
                     self._controller_step(self._reduce_counts(seen))
                 else:
-                    self._budget_pending.add_(seen)
+                    pending.add_(seen)
 
         stats = None
         if c.compute_stats:
@@ -641,12 +665,14 @@ class AnyExpertsMoE(nn.Module):
         forwards since the last call (of every rank, with budget_sync: a collective), after
         which that count restarts. Call it once the backward passes are done (beside
         ``optimizer.step()``): the bias then stays put from a forward to its recompute under
-        activation checkpointing, whatever runs in between. No host sync."""
+        activation checkpointing, whatever runs in between. No host sync (with budget_sync, one
+        collective)."""
         if self.config.controller_step != "manual":
             raise RuntimeError('AnyExpertsMoE.step_budget needs config.controller_step="manual" '
                                "(the default steps in every training forward)")
-        self._controller_step(self._reduce_counts(self._budget_pending))
-        self._budget_pending.zero_()
+        pending = self._transient()[1]
+        self._controller_step(self._reduce_counts(pending))
+        pending.zero_()
 
     def set_budget(self, avg_real: Optional[float], x: Optional[Tensor] = None, *,
                    tol: float = 0.01) -> Optional[float]:
@@ -685,8 +711,7 @@ class AnyExpertsMoE(nn.Module):
         x2 = self._tokens(x)
         T = x2.shape[0]
         def counts(real_total):
-            return self._reduce_counts(torch.stack([real_total.to(torch.float64),
-                                                    x2.new_full((), T, dtype=torch.float64)]))
+            return self._reduce_counts(_counts(real_total, T))
 
         tokens = int(counts(x2.new_zeros(()))[1])
         if tokens == 0:
