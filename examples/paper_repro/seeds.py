@@ -1,6 +1,6 @@
 """Mean and range over seeds of the study's main columns.
 
-One seed moves a model's accuracy here by up to 10 points, more than the differences between
+One seed moves a model's accuracy here by up to 18 points, more than the differences between
 models, so the README reads the study through several seeds:
 
     python3 examples/paper_repro/run.py                                  # seed 0 -> results/
