@@ -122,12 +122,15 @@ def test_dtype_conversion_keeps_the_controller_state_exact():
     m.set_budget(3.3)
     before = {n: b.clone() for n, b in m.named_buffers()}
     order = list(dict(m.named_buffers()))
-    for convert in (lambda l: l.to(torch.bfloat16), lambda l: l.half(), lambda l: l.double()):
+    for convert in (lambda l: l.to(torch.bfloat16), lambda l: l.half(), lambda l: l.double(),
+                    lambda l: l.type(torch.bfloat16)):
         c = convert(copy.deepcopy(m))
         assert list(dict(c.named_buffers())) == order
         for n, b in c.named_buffers():
             assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
         assert c.w_gate_up.dtype != torch.float32
+        with torch.no_grad():  # and it runs (int32 tables included)
+            c.eval()(torch.randn(4, H, dtype=c.w_gate_up.dtype))
 
 
 def _step(m, x, wrap, with_aux=True):

@@ -384,8 +384,10 @@ class AnyExpertsMoE(nn.Module):
         # (real slots, tokens) of the training forwards since the last step_budget()
         "_budget_pending": lambda: torch.zeros(2, dtype=torch.float64),
     }
-    # state whose dtype is part of its meaning: .to(bf16) leaves it alone
-    _STATE_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema")
+    # buffers whose dtype is part of their meaning: .to(bf16) and .type(torch.bfloat16)
+    # leave them alone
+    _STATE_BUFFERS = ("importance_bias", "budget_target", "avg_real_ema", "_virtual_sources",
+                      "_virtual_caps")
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
