@@ -370,9 +370,11 @@ class AnyExpertsMoE(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         # the tables are not saved: after to_empty they hold garbage, and a load must write
-        # them too, or the virtual cap and kinds are silently wrong
+        # them too, or the virtual cap and kinds are silently wrong; the transient state
+        # follows the loaded buffers off the meta device (assign=True)
         super()._load_from_state_dict(*args, **kwargs)
         self._write_virtual_tables()
+        self._transient()
 
     # The controller's transient state: plain tensor attributes, not buffers, because DDP
     # broadcasts every buffer from rank 0 before a forward, which would replace each rank's
@@ -585,8 +587,7 @@ class AnyExpertsMoE(nn.Module):
         forward_step = c.controller_step == "forward"
         steer = self.training and c.slot_mode == "importance" and (T > 0 or c.budget_sync)
         recompute = steer and _recomputing()
-        routed_bias, pending = self._transient()
-        bias = routed_bias if recompute and forward_step else self.importance_bias
+        bias = self._transient()[0] if recompute and forward_step else self.importance_bias
         xh, rec, score = self._route(x2, bias)
         out, offsets = self._experts(xh, rec.ids, rec.weights)
         rec.offsets = offsets
@@ -616,6 +617,7 @@ class AnyExpertsMoE(nn.Module):
         # budget controller: integral control of the importance bias, no gradient; no host
         # sync (with budget_sync and the per-forward controller: one collective)
         if steer and not recompute:
+            routed_bias, pending = self._transient()
             with torch.no_grad():
                 seen = _counts(real.sum(), T)
                 if forward_step:
