@@ -29,17 +29,21 @@ def _find_nvcc():
     return shutil.which("nvcc")
 
 
+_OFF = ("0", "off", "false", "no")
+_ON = ("1", "on", "true", "yes")
+
+
 def _cuda_enabled():
     mode = os.environ.get("ANYEXPERTS_CUDA", "auto").lower()
-    if mode not in ("auto", "0", "off", "false", "no", "1", "on", "true", "yes"):
+    if mode not in ("auto", *_OFF, *_ON):
         sys.exit(f"ANYEXPERTS_CUDA must be auto, 1 (on) or 0 (off), got {mode!r}")
-    if mode in ("0", "off", "false", "no"):
+    if mode in _OFF:
         return False
     import torch
 
     nvcc = _find_nvcc()
     possible = torch.version.cuda is not None and nvcc is not None
-    if mode in ("1", "on", "true", "yes"):
+    if mode in _ON:
         if not possible:
             sys.exit("ANYEXPERTS_CUDA=1 but CUDA cannot be built: "
                      f"torch.version.cuda={torch.version.cuda}, nvcc={nvcc}")
