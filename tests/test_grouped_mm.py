@@ -109,6 +109,24 @@ def test_zero_rows_and_zero_groups():
     assert_exact(out, torch.zeros(7, 3), "K = 0")
 
 
+def test_many_groups_match_a_batched_product():
+    """G = 20000 groups of 0-2 rows (half empty) against torch.bmm on the same rows, both ways."""
+    G = 20000
+    counts = torch.randint(0, 3, (G,)) * (torch.rand(G) < 0.5)
+    offsets = counts.cumsum(0).to(torch.int32)
+    R = int(offsets[-1]) + 5                          # five rows past the last group
+    a, b = make(R, 4, 3, G, dtype=torch.float64)
+    dout = torch.randn(R, 3, dtype=torch.float64)
+    group = torch.repeat_interleave(torch.arange(G), counts)
+    live = group.numel()
+    expect = torch.zeros(R, 3, dtype=torch.float64)
+    expect[:live] = torch.bmm(a[:live, None], b[group])[:, 0]
+    assert_close(ops.grouped_mm(a, b, offsets), expect, "forward", rtol=1e-12)
+    db = torch.zeros(G, 4, 3, dtype=torch.float64).index_add_(
+        0, group, a[:live, :, None] * dout[:live, None, :])
+    assert_close(ops.grouped_mm_wgrad(a, dout, offsets), db, "wgrad", rtol=1e-12)
+
+
 def test_non_contiguous_inputs():
     R, Kd, Nd, G = 33, 12, 10, 3
     a = torch.randn(Kd, R).t()                     # column-major a

@@ -19,13 +19,14 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   auto out = at::empty({R, b.size(2)}, a.options());
   const int32_t* off = offsets.data_ptr<int32_t>();
   // The groups tile [0, live) row after row, so every row before `live` is written here.
+  int64_t live = 0;
   for (int64_t g = 0; g < G; ++g) {
-    const RowSpan span = group_span(off, static_cast<int>(g), R);
-    if (span.end == span.begin) continue;
-    const auto rows = a.narrow(0, span.begin, span.end - span.begin);
-    out.narrow(0, span.begin, span.end - span.begin).copy_(at::mm(rows.to(acc), b[g].to(acc)));
+    const int64_t begin = live;
+    live = next_group_end(begin, off[g], R);
+    if (live == begin) continue;
+    const auto rows = a.narrow(0, begin, live - begin);
+    out.narrow(0, begin, live - begin).copy_(at::mm(rows.to(acc), b[g].to(acc)));
   }
-  const int64_t live = live_rows(off, static_cast<int>(G), R);
   if (zero_tail) out.narrow(0, live, R - live).zero_();
   return out;
 }

@@ -16,11 +16,13 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dout,
   const auto acc = accumulate_dtype(a.scalar_type());
   auto db = at::zeros({G, a.size(1), dout.size(1)}, a.options());
   const int32_t* off = offsets.data_ptr<int32_t>();
-  for (int64_t g = 0; g < G; ++g) {
-    const RowSpan span = group_span(off, static_cast<int>(g), R);
-    if (span.end == span.begin) continue;
-    const int64_t n = span.end - span.begin;
-    db[g].copy_(at::mm(a.narrow(0, span.begin, n).to(acc).t(), dout.narrow(0, span.begin, n).to(acc)));
+  for (int64_t g = 0, begin = 0; g < G; ++g) {
+    const int64_t end = next_group_end(begin, off[g], R);
+    const int64_t n = end - begin;
+    if (n > 0) {
+      db[g].copy_(at::mm(a.narrow(0, begin, n).to(acc).t(), dout.narrow(0, begin, n).to(acc)));
+    }
+    begin = end;
   }
   return db;
 }
