@@ -6,6 +6,7 @@ Shapes stay small so that the file runs in a few tens of seconds on 2 CPU cores.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import anyexperts_ops  # noqa: F401  (registers torch.ops.anyexperts)
 from anyexperts_ops import presets
 from anyexperts_ops.layer import AnyExpertsConfig, AnyExpertsMoE
-from anyexperts_ops.stats import StatsMeter
+from anyexperts_ops.stats import RoutingStats, StatsMeter
 
 H, FFN = 16, 24
 
@@ -441,6 +442,17 @@ def test_nan_token_gets_k_min_slots_and_a_nan_output():
     assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4]]).all()
 
 
+def test_nan_token_falls_in_no_importance_bin():
+    m = _layer()
+    x = torch.randn(8, H)
+    x[3] = float("nan")
+    _, aux = m(x)
+    w = aux.routing.importance
+    assert torch.isnan(w[3]) and torch.isfinite(w[[0, 1, 2, 4, 5, 6, 7]]).all()
+    want = torch.histc(w[torch.isfinite(w)], bins=10, min=0.0, max=1.0) / 8
+    torch.testing.assert_close(aux.stats.importance_hist, want)
+
+
 def test_bad_inputs_fail_before_any_state_changes():
     m = _layer(target_avg_k=3.0, num_modalities=2).train()
     for x, msg in [(torch.randn(4, H // 2), r"x must be \[\.\.\., 16\], got \[4, 8\]"),
@@ -553,6 +565,34 @@ def test_anyexperts_preset_kinds_follow_num_virtual(num_virtual):
 
 # ---- budget control ---------------------------------------------------------------------
 
+def test_stats_meter_counts_every_token_once():
+    """A prefill, decode steps of one token and empty forwards average to the statistics of
+    one batch of all their tokens (eval routing is per token, so that batch routes alike)."""
+    m = _layer(num_modalities=2).double().eval()
+    sizes = [300] + [1] * 20 + [0] * 3 + [7]
+    xs = [torch.randn(n, H, dtype=torch.float64) for n in sizes]
+    mods = [torch.randint(0, 2, (n,)) for n in sizes]
+    meter = StatsMeter()
+    with torch.no_grad():
+        for x, mod in zip(xs, mods):
+            meter.update(m(x, mod)[1].stats)
+        whole = m(torch.cat(xs), torch.cat(mods))[1].stats.to_dict()
+    got = meter.summary()
+    assert meter.steps == len(sizes)
+    for k in ("tokens", "real_slots", "real_per_token", "virtual_per_token", "slots_per_token",
+              "virtual_share", "expert_load", "importance_mean", "importance_hist",
+              "modality_tokens", "modality_real", "modality_virtual"):
+        assert got[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-7), k  # fp32 statistics
+    assert got["tokens"] == sum(sizes)
+
+
+def test_stats_meter_weights_every_statistic():
+    """Every tensor field of RoutingStats has its rule in StatsMeter (a new field must say
+    how it averages, not vanish from summary())."""
+    tensor_fields = {f.name for f in dataclasses.fields(RoutingStats)} - {"gemm_rows_capacity"}
+    assert tensor_fields == set(StatsMeter._WEIGHTS)
+
+
 def test_training_lowers_loss_and_controller_holds_avg_k():
     """A toy regression: 300 Adam steps. The task loss must fall and the controller must
     hold the mean real slots per token within 3% of the target (it starts ~15% above)."""
@@ -584,6 +624,28 @@ def test_training_lowers_loss_and_controller_holds_avg_k():
     assert float(m.importance_bias) != 0.0
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_calibrating_on_non_finite_tokens_raises_and_moves_nothing(poison):
+    """A NaN token takes K_min at every bias: calibrating on it used to leave the ends of the
+    bisection equal and set the bias to +40 (every finite token at K_max)."""
+    m = _layer(num_experts=8, k_min=2, k_max=6, rho_max=Fraction(1, 5)).eval()
+    m.set_budget(4.0, torch.randn(200, H))
+    bias, target = m.importance_bias.clone(), m.budget_target.clone()
+    x = torch.randn(200, H)
+    x[[5, 17], 0] = poison
+    with pytest.raises(ValueError, match="2 of 200 tokens have a non-finite"):
+        m.set_budget(5.0, x)
+    assert torch.equal(m.importance_bias, bias) and torch.equal(m.budget_target, target)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1.0, float("nan"), float("inf")])
+def test_calibration_tolerance_must_be_positive(tol):
+    m = _layer(num_experts=8, k_min=2, k_max=6).eval()
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        m.set_budget(4.0, torch.randn(50, H), tol=tol)
+    assert float(m.importance_bias) == 0.0
+
+
 @pytest.mark.parametrize("avg_k", [3.0, 4.3])
 def test_calibrate_budget_hits_avg_k(avg_k):
     m = _layer(num_experts=8, k_min=2, k_max=6, rho_max=Fraction(1, 5)).eval()
@@ -602,25 +664,26 @@ def test_calibrate_budget_hits_avg_k(avg_k):
 
 @pytest.mark.parametrize("preset", ["anyexperts", "null_experts"])
 def test_export_with_dynamic_token_count(preset):
-    """torch.export with a dynamic token count: nothing in the layer specialises T (statistics
-    included), and the exported program equals the eager layer at another T."""
+    """torch.export of the layer itself with a dynamic token count: nothing in the layer
+    specialises T (statistics included), the program returns (out, MoEAux) like the eager
+    layer, survives torch.export.save/load, and equals the eager layer at another T."""
     m = presets.make_layer(preset, H, FFN, 16).eval()
-
-    class Out(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            out, aux = self.m(x)
-            return out, aux.stats.real_per_token
-
     T = torch.export.Dim("T", min=2, max=4096)
-    ep = torch.export.export(Out(), (torch.randn(12, H),), dynamic_shapes={"x": {0: T}})
+    ep = torch.export.export(m, (torch.randn(12, H),), dynamic_shapes={"x": {0: T}})
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
     x = torch.randn(37, H)
-    got, want = ep.module()(x), Out()(x)
-    for g, w in zip(got, want):  # the export may decompose an op differently: fp32 rounding
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    want_out, want_aux = m(x)
+    for program in (ep, loaded):
+        out, aux = program.module()(x)
+        # the export may decompose an op differently: fp32 rounding
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+        assert type(aux) is type(want_aux) and int(aux.stats.tokens) == 37
+        assert aux.stats.gemm_rows_capacity == want_aux.stats.gemm_rows_capacity
+        assert torch.equal(aux.routing.ids, want_aux.routing.ids)
+        torch.testing.assert_close(aux.stats.real_per_token, want_aux.stats.real_per_token)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -683,6 +746,19 @@ def test_state_dict_round_trip():
     x = torch.randn(20, H)
     with torch.no_grad():
         assert torch.equal(m(x)[0], m2(x)[0])
+
+
+@pytest.mark.parametrize("saved", [5.5, None])
+def test_loaded_target_reaches_the_config(saved):
+    """A load sets the config's target to the loaded one (as set_budget does), so that
+    reset_parameters keeps it instead of bringing back the constructed one."""
+    src = _layer(k_min=2, k_max=6, rho_max=Fraction(1, 5), target_avg_k=4.0)
+    src.set_budget(saved)
+    dst = _layer(k_min=2, k_max=6, rho_max=Fraction(1, 5), target_avg_k=4.0)
+    dst.load_state_dict(src.state_dict())
+    assert dst.config.target_avg_k == saved
+    dst.reset_parameters()
+    assert float(dst.budget_target) == (saved or 0.0)
 
 
 # ---- CUDA: no host synchronisation in forward/backward -----------------------------------

@@ -368,13 +368,18 @@ class AnyExpertsMoE(nn.Module):
                 elif device.type != "meta":
                     setattr(self, name, value.to(device))
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the tables are not saved: after to_empty they hold garbage, and a load must write
         # them too, or the virtual cap and kinds are silently wrong; the transient state
         # follows the loaded buffers off the meta device (assign=True)
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._write_virtual_tables()
         self._transient()
+        # the config's target follows the loaded one, as it follows set_budget, so that
+        # reset_parameters and config.to_dict() do not bring back the constructed target
+        if prefix + "budget_target" in state_dict and not self.budget_target.is_meta:
+            target = float(self.budget_target)
+            self.config.target_avg_k = target if target > 0 else None
 
     # The controller's transient state: plain tensor attributes, not buffers, because DDP
     # broadcasts every buffer from rank 0 before a forward, which would replace each rank's
@@ -712,14 +717,21 @@ class AnyExpertsMoE(nn.Module):
         c = self.config
         if c.slot_mode != "importance":
             raise ValueError('calibrate_budget needs slot_mode "importance"')
+        if not 0 < tol < math.inf:
+            raise ValueError(f"calibrate_budget: tol must be > 0 (relative), got {tol}")
         x2 = self._tokens(x)
         T = x2.shape[0]
         def counts(real_total):
             return self._reduce_counts(_counts(real_total, T))
 
-        tokens = int(counts(x2.new_zeros(()))[1])
+        # A non-finite token gets K_min whatever the bias and would pull the bias toward
+        # whatever makes up for it; one collective counts them on every rank, so all raise.
+        nonfinite, tokens = (int(n) for n in counts((~x2.isfinite().all(dim=1)).sum()))
         if tokens == 0:
             raise ValueError("calibrate_budget needs at least one token")
+        if nonfinite:
+            raise ValueError(f"calibrate_budget: {nonfinite} of {tokens} tokens have a "
+                             "non-finite (NaN or inf) hidden state; calibrate on finite tokens")
         score = self.importance(x2)
         _, rec, _ = self._route(x2)  # logits / cap rule as in forward
         logits = rec.logits

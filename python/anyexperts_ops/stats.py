@@ -37,6 +37,7 @@ class RoutingRecord:
 @dataclass
 class RoutingStats:
     """Routing statistics of one forward; all tensors (0-dim unless noted), no host sync."""
+    tokens: Tensor              # int64: T, the tokens routed
     real_per_token: Tensor      # mean real slots per token (the paper's Avg-K)
     virtual_per_token: Tensor   # mean virtual slots per token
     slots_per_token: Tensor     # mean slots asked per token (mean K_i)
@@ -44,7 +45,7 @@ class RoutingStats:
     expert_load: Tensor         # [N] fraction of real slots per real expert (sums to 1)
     load_imbalance: Tensor      # max expert load / mean expert load (1 = perfectly even)
     importance_mean: Tensor     # mean w_i (0 without a predictor)
-    importance_hist: Tensor     # [bins] fraction of tokens per w bin over [0, 1]
+    importance_hist: Tensor     # [bins] fraction of tokens per w bin over [0, 1] (NaN w: none)
     real_slots: Tensor          # int64: total real slots (= live GEMM rows before padding)
     gemm_rows: Tensor           # int64: rows the GEMMs compute (real slots + align padding)
     gemm_rows_capacity: int     # the static row count R = T*k_max + N*(align-1)
@@ -78,6 +79,13 @@ class MoEAux:
     budget_loss: Tensor
     stats: Optional[RoutingStats]
     routing: RoutingRecord
+
+
+# As pytree nodes, the layer's outputs pass through torch.export (an exported layer returns
+# (out, MoEAux) like the eager one, and saves and loads) and through the tree maps of
+# other wrappers, instead of being opaque leaves.
+for _cls in (RoutingRecord, RoutingStats, MoEAux):
+    torch.export.register_dataclass(_cls, serialized_type_name=f"{__name__}.{_cls.__name__}")
 
 
 def slot_counts(ids: Tensor, num_real: int) -> tuple[Tensor, Tensor]:
@@ -153,9 +161,9 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
     imbalance = load.max() / mean_load if num_real > 0 else torch.zeros((), device=dev)
     if record.importance is not None and T > 0:
         w = record.importance.detach().float()
-        b = (w * bins).long().clamp(0, bins - 1)
-        hist = torch.zeros(bins, dtype=f32, device=dev).scatter_add(
-            0, b, torch.ones_like(w)) / denom
+        # A NaN w (a NaN token) falls in no bin; .long() of NaN is undefined, hence the where.
+        b = torch.where(w.isnan(), bins, (w * bins).long().clamp(0, bins - 1))
+        hist = bucket_sums(b, torch.ones_like(w), bins) / denom
         imp_mean = w.mean()
     else:
         hist = torch.zeros(bins, dtype=f32, device=dev)
@@ -165,6 +173,7 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
     else:
         gemm_rows = real_total.new_zeros(())
     out = RoutingStats(
+        tokens=real.new_full((), T),
         real_per_token=real_total.to(f32) / denom,
         virtual_per_token=virt_total.to(f32) / denom,
         slots_per_token=record.slots.to(f32).sum() / denom,
@@ -189,10 +198,22 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
 
 
 class StatsMeter:
-    """Averages :class:`RoutingStats` over steps on the device; one host sync in summary().
+    """Averages :class:`RoutingStats` over forwards on the device; one host sync in summary().
 
-    Per-modality means are weighted by token counts; every other field by step.
+    The result is that of one batch holding every token seen: the per-token means, the
+    importance histogram, the per-modality means and ``load_imbalance`` are weighted by
+    tokens, ``virtual_share`` by taken slots, ``expert_load`` by real slots; ``tokens``,
+    ``real_slots``, ``gemm_rows`` and ``modality_tokens`` are totals. So a prefill and the
+    decode steps after it count each token once, and an empty forward counts for nothing.
     """
+
+    # field -> the field whose value weights it (None: summed as it is)
+    _WEIGHTS = {"tokens": None, "real_slots": None, "gemm_rows": None, "modality_tokens": None,
+                "real_per_token": "tokens", "virtual_per_token": "tokens",
+                "slots_per_token": "tokens", "importance_mean": "tokens",
+                "importance_hist": "tokens", "load_imbalance": "tokens",
+                "virtual_share": "taken_slots", "expert_load": "real_slots",
+                "modality_real": "modality_tokens", "modality_virtual": "modality_tokens"}
 
     def __init__(self):
         self.steps = 0
@@ -201,24 +222,31 @@ class StatsMeter:
     @torch.no_grad()
     def update(self, stats: RoutingStats) -> None:
         self.steps += 1
-        for f in fields(stats):
-            v = getattr(stats, f.name)
-            if not isinstance(v, Tensor):
+        weights = {f.name: getattr(stats, f.name) for f in fields(stats)}
+        weights["taken_slots"] = stats.tokens * (stats.real_per_token + stats.virtual_per_token)
+        for name, by in self._WEIGHTS.items():
+            v = weights[name]
+            if v is None:
                 continue
             v = v.detach().double()
-            if f.name in ("modality_real", "modality_virtual"):
-                v = v * stats.modality_tokens.double()
-            self._sums[f.name] = self._sums[f.name] + v if f.name in self._sums else v
+            if by is not None:
+                v = v * weights[by].detach().double()
+                self._add("_w_" + name, weights[by].detach().double())
+            self._add(name, v)
+
+    def _add(self, key: str, v: Tensor) -> None:
+        self._sums[key] = self._sums[key] + v if key in self._sums else v
 
     def summary(self) -> dict:
         if self.steps == 0:
             return {}
         out = {}
-        for k, v in self._sums.items():
-            if k in ("modality_real", "modality_virtual"):
-                v = v / self._sums["modality_tokens"].clamp(min=1)
-            elif k not in ("modality_tokens", "real_slots", "gemm_rows"):
-                v = v / self.steps
+        for name, by in self._WEIGHTS.items():
+            if name not in self._sums:
+                continue
+            v = self._sums[name]
+            if by is not None:
+                v = v / self._sums["_w_" + name].clamp(min=1)
             v = v.cpu()
-            out[k] = v.item() if v.dim() == 0 else v.tolist()
+            out[name] = v.item() if v.dim() == 0 else v.tolist()
         return out
