@@ -154,6 +154,8 @@ def _edge_topk_cases(gen):
     nan_slots = full.clone()
     nan[2, 0] = float("nan")
     nan_slots[2] = 0  # a NaN row that takes no slot
+    far = _logits(gen, T, E, torch.float32)
+    far[:, N:] += 110  # past the cap, yet so far ahead that every taken p underflows to 0
     yield "T=0", torch.zeros(0, E), torch.zeros(0, dtype=torch.int32), \
         torch.zeros(0, dtype=torch.int32), k, N
     yield "k_max=0", _logits(gen, T, E, torch.float32), full * 0, full * 0, 0, N
@@ -167,6 +169,8 @@ def _edge_topk_cases(gen):
     yield "NaN and -inf", nan, nan_slots, full // 3, k, N
     yield "E=1", torch.randn(T, 1, generator=gen), full, full, k, 1
     yield "k_max>E, general path", _logits(gen, T, E, torch.float32), full * 9, full, 40, N
+    yield "capped virtual far ahead", far, full, _ints(gen, 0, 1, (T,)), k, N
+    yield "capped virtual far ahead, general path", far, full * 9, _ints(gen, 0, 1, (T,)), 40, N
 
 
 @pytest.mark.parametrize("norm", NORMS)

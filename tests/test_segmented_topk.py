@@ -166,6 +166,35 @@ def test_ranks_by_logit_not_by_underflowed_probability():
     assert_exact(w, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), "weights")
 
 
+def capped_virtual_far_ahead(gap: float, T: int = 6):
+    """Rows whose virtual candidates (4, 5) lead every real one by `gap` but are past the
+    cap (max_virtual 0 or 1), so the taken set's p are denormal or 0 in fp32."""
+    logits = torch.randn(T, 6)
+    logits[:, 4:] += gap
+    slots = torch.tensor([1, 2, 3, 4, 3, 4], dtype=torch.int32)[:T]
+    mv = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.int32)[:T]
+    return logits, slots, mv
+
+
+@pytest.mark.parametrize("gap", [95.0, 110.0, 1000.0])
+@pytest.mark.parametrize("norm", ["selected", "real"])
+def test_normalised_weights_exact_when_a_capped_candidate_leads_by_far(norm, gap):
+    """p / sum p over the set, when every p of the set is denormal (gap 95) or 0 (110, 1000)
+    in fp32: the weights and their gradient match the fp64 reference (they were 0 / 0 = NaN,
+    or a few digits), and the ids are untouched."""
+    logits, slots, mv = capped_virtual_far_ahead(gap)
+    gw = torch.randn(logits.shape[0], 4, dtype=torch.float64)
+    l32, l64 = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    ids, w = topk(l32, slots, mv, 4, 4, norm)
+    rids, rw = ref.segmented_topk(l64, slots, mv, 4, 4, norm)
+    assert_exact(ids, rids, "ids")
+    assert torch.isfinite(w).all() and (w[ids >= 0].sum() > 0)
+    assert_close(w, rw, "weights", atol=1e-7)
+    (w * gw.float()).sum().backward()
+    (rw * gw).sum().backward()
+    assert_close(l32.grad, l64.grad, "grad logits", atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_ranking_uses_input_values(dtype):
     # Values distinct in the input dtype must rank by value, not collapse to ties.

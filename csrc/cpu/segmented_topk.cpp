@@ -29,6 +29,27 @@ void softmax_row(const scalar_t* row, int64_t E, Acc* p) {
   for (int64_t c = 0; c < E; ++c) p[c] = static_cast<Acc>(p[c] / sum);
 }
 
+// Weights of a token's K slots by slot_weight (rules.h); a slot whose id is no candidate
+// (-1, or anything outside [0, E) from a caller) is not taken and weighs 0.
+template <typename scalar_t, typename Acc>
+void slot_weights(const scalar_t* row, const Acc* p, const int32_t* ids, int64_t K, int64_t E,
+                  int64_t num_real, Norm norm, Acc* w) {
+  auto taken = [E](int32_t c) { return c >= 0 && c < E; };
+  auto in_set = [&](int32_t c) { return taken(c) && in_norm_set(c < num_real, norm); };
+  Acc set_max = -std::numeric_limits<Acc>::infinity();
+  for (int64_t j = 0; j < K; ++j) {
+    if (in_set(ids[j])) set_max = std::max(set_max, static_cast<Acc>(row[ids[j]]));
+  }
+  Acc share_sum = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    w[j] = in_set(ids[j]) ? set_share(static_cast<Acc>(row[ids[j]]), set_max, true) : Acc(0);
+    share_sum += w[j];
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    w[j] = taken(ids[j]) ? slot_weight(p[ids[j]], in_set(ids[j]), w[j], share_sum, norm) : Acc(0);
+  }
+}
+
 // The walk can skip at most all M virtual candidates, so the first want + M of the
 // ranking are all it may look at.
 template <typename scalar_t>
@@ -77,18 +98,12 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_cpu(const at::Tensor& logits_i
         softmax_row(row, E, p.data());
         rank_prefix(row, E, want + (E - num_real), order);
         int32_t* tid = out_ids + t * k_max;
-        Acc* tw = out_w + t * k_max;
-        Acc sum_selected = 0, sum_real = 0;
         for (int64_t r = 0; r < E && !walk.done(); ++r) {
           const int c = order[r];
           const int slot = walk.taken;
-          if (!walk.offer(c, static_cast<int>(num_real))) continue;
-          tid[slot] = c;
-          sum_selected += p[c];
-          if (c < num_real) sum_real += p[c];
+          if (walk.offer(c, static_cast<int>(num_real))) tid[slot] = c;
         }
-        for (int j = 0; j < walk.taken; ++j)
-          tw[j] = slot_weight(p[tid[j]], tid[j] < num_real, sum_selected, sum_real, norm);
+        slot_weights(row, p.data(), tid, walk.taken, E, num_real, norm, out_w + t * k_max);
       }
     });
   });
@@ -115,38 +130,30 @@ at::Tensor segmented_topk_backward_cpu(const at::Tensor& grad_weights_in,
     const Acc* gw = grad_weights.data_ptr<Acc>();
     scalar_t* gl = grad_logits.data_ptr<scalar_t>();
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> p(E), grad_p(E);
+      std::vector<Acc> p(E), part(E), w(K);
       for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* row = lg + t * E;
         const int32_t* tid = id + t * K;
         const Acc* tgw = gw + t * K;
-        softmax_row(lg + t * E, E, p.data());
+        softmax_row(row, E, p.data());
+        slot_weights(row, p.data(), tid, K, E, num_real, norm, w.data());
         // ids come from the caller: ignore any outside [0, E).
-        auto live = [E](int32_t c) { return c >= 0 && c < E; };
-        Acc sum_selected = 0, sum_real = 0;
+        auto taken = [E](int32_t c) { return c >= 0 && c < E; };
+        auto in_set = [&](int32_t c) { return taken(c) && in_norm_set(c < num_real, norm); };
+        Acc dot = 0;
         for (int64_t j = 0; j < K; ++j) {
-          if (!live(tid[j])) continue;
-          sum_selected += p[tid[j]];
-          if (tid[j] < num_real) sum_real += p[tid[j]];
+          if (in_set(tid[j])) dot += tgw[j] * w[j];
         }
-        Acc dot_selected = 0, dot_real = 0;
+        std::fill(part.begin(), part.end(), Acc(0));
+        Acc part_sum = 0;
         for (int64_t j = 0; j < K; ++j) {
-          if (!live(tid[j])) continue;
-          const bool real = tid[j] < num_real;
-          const Acc w = slot_weight(p[tid[j]], real, sum_selected, sum_real, norm);
-          dot_selected += tgw[j] * w;
-          if (real) dot_real += tgw[j] * w;
+          if (!taken(tid[j])) continue;
+          const Acc g = slot_grad_part(tgw[j], p[tid[j]], w[j], in_set(tid[j]), dot, norm);
+          part[tid[j]] += g;
+          part_sum += g;
         }
-        std::fill(grad_p.begin(), grad_p.end(), Acc(0));
-        for (int64_t j = 0; j < K; ++j) {
-          if (!live(tid[j])) continue;
-          grad_p[tid[j]] += slot_grad_p(tgw[j], tid[j] < num_real, dot_selected, dot_real,
-                                        sum_selected, sum_real, norm);
-        }
-        // Softmax backward: dlogit_c = p_c * (grad_p_c - sum_k grad_p_k p_k).
-        Acc inner = 0;
-        for (int64_t c = 0; c < E; ++c) inner += grad_p[c] * p[c];
-        scalar_t* row = gl + t * E;
-        for (int64_t c = 0; c < E; ++c) row[c] = static_cast<scalar_t>(p[c] * (grad_p[c] - inner));
+        scalar_t* out = gl + t * E;
+        for (int64_t c = 0; c < E; ++c) out[c] = static_cast<scalar_t>(part[c] - p[c] * part_sum);
       }
     });
   });

@@ -158,14 +158,15 @@ __global__ void __launch_bounds__(kFastThreads)
   }
 
   const bool taken = lane < walk.taken;
-  const bool real = my_c < num_real;
+  const bool in_set = taken && in_norm_set(my_c < num_real, norm);
   const acc_t p = taken ? exp(my_v - row_max) / denom : acc_t(0);
-  const acc_t sum_selected = cuda::warp_sum(p);
-  const acc_t sum_real = cuda::warp_sum(taken && real ? p : acc_t(0));
+  const acc_t set_max = cuda::warp_max(in_set ? my_v : neg_inf<acc_t>());
+  const acc_t share = set_share(my_v, set_max, in_set);
+  const acc_t share_sum = cuda::warp_sum(share);
   if (lane < k_max) {
     ids[t * k_max + lane] = taken ? my_c : -1;
     weights[t * k_max + lane] =
-        taken ? slot_weight(p, real, sum_selected, sum_real, norm) : acc_t(0);
+        taken ? slot_weight(p, in_set, share, share_sum, norm) : acc_t(0);
   }
 }
 
@@ -226,16 +227,21 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   __syncthreads();  // thread 0's slots become visible to the block
 
-  acc_t sum_selected = 0;
-  acc_t sum_real = 0;
+  auto in_set = [&](int s) { return in_norm_set(out_ids[s] < num_real, norm); };
+  auto logit = [&](int s) { return static_cast<acc_t>(row[out_ids[s]]); };
+  acc_t set_max = neg_inf<acc_t>();
   for (int s = threadIdx.x; s < taken; s += kBlockThreads) {
-    sum_selected += out_w[s];
-    if (out_ids[s] < num_real) sum_real += out_w[s];
+    if (in_set(s)) set_max = max(set_max, logit(s));
   }
-  sum_selected = cuda::block_sum(sum_selected, scratch);
-  sum_real = cuda::block_sum(sum_real, scratch);
+  set_max = cuda::block_max(set_max, scratch);
+  acc_t share_sum = 0;
   for (int s = threadIdx.x; s < taken; s += kBlockThreads) {
-    out_w[s] = slot_weight(out_w[s], out_ids[s] < num_real, sum_selected, sum_real, norm);
+    share_sum += set_share(logit(s), set_max, in_set(s));
+  }
+  share_sum = cuda::block_sum(share_sum, scratch);
+  for (int s = threadIdx.x; s < taken; s += kBlockThreads) {
+    out_w[s] = slot_weight(out_w[s], in_set(s), set_share(logit(s), set_max, in_set(s)),
+                           share_sum, norm);
   }
 }
 
@@ -246,8 +252,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 template <typename acc_t>
 struct SlotGrad {
   bool taken;
-  bool real;
+  bool in_set;  // in the norm's set (in_norm_set)
   int c;
+  acc_t v;      // the candidate's logit
   acc_t p;
   acc_t gw;
 };
@@ -255,13 +262,13 @@ struct SlotGrad {
 template <typename scalar_t>
 __device__ __forceinline__ SlotGrad<opmath_t<scalar_t>> load_slot(
     const int32_t* ids, const opmath_t<scalar_t>* grad_w, const scalar_t* row, int64_t at, int E,
-    int num_real, opmath_t<scalar_t> row_max, opmath_t<scalar_t> denom) {
+    int num_real, Norm norm, opmath_t<scalar_t> row_max, opmath_t<scalar_t> denom) {
   using acc_t = opmath_t<scalar_t>;
   const int c = ids[at];
   const bool taken = c >= 0 && c < E;
-  return {taken, taken && c < num_real, c,
-          taken ? exp(static_cast<acc_t>(row[c]) - row_max) / denom : acc_t(0),
-          taken ? grad_w[at] : acc_t(0)};
+  const acc_t v = taken ? static_cast<acc_t>(row[c]) : acc_t(0);
+  return {taken, taken && in_norm_set(c < num_real, norm), c, v,
+          taken ? exp(v - row_max) / denom : acc_t(0), taken ? grad_w[at] : acc_t(0)};
 }
 
 template <typename scalar_t, int kVpl>
@@ -281,25 +288,26 @@ __global__ void __launch_bounds__(kFastThreads)
   acc_t row_max, denom;
   warp_softmax_stats(v, E, row_max, denom);
 
-  SlotGrad<acc_t> sg{false, false, -1, acc_t(0), acc_t(0)};
-  if (lane < K) sg = load_slot(ids, grad_w, row, t * K + lane, E, num_real, row_max, denom);
-  const acc_t sum_selected = cuda::warp_sum(sg.p);
-  const acc_t sum_real = cuda::warp_sum(sg.real ? sg.p : acc_t(0));
-  const acc_t w = sg.taken ? slot_weight(sg.p, sg.real, sum_selected, sum_real, norm) : acc_t(0);
-  const acc_t dot_selected = cuda::warp_sum(sg.gw * w);
-  const acc_t dot_real = cuda::warp_sum(sg.real ? sg.gw * w : acc_t(0));
-  const acc_t gp = sg.taken ? slot_grad_p(sg.gw, sg.real, dot_selected, dot_real, sum_selected,
-                                          sum_real, norm)
-                            : acc_t(0);
-  const acc_t dot_gp = cuda::warp_sum(gp * sg.p);
+  SlotGrad<acc_t> sg{false, false, -1, acc_t(0), acc_t(0), acc_t(0)};
+  if (lane < K) {
+    sg = load_slot(ids, grad_w, row, t * K + lane, E, num_real, norm, row_max, denom);
+  }
+  const acc_t set_max = cuda::warp_max(sg.in_set ? sg.v : neg_inf<acc_t>());
+  const acc_t share = set_share(sg.v, set_max, sg.in_set);
+  const acc_t share_sum = cuda::warp_sum(share);
+  const acc_t w = sg.taken ? slot_weight(sg.p, sg.in_set, share, share_sum, norm) : acc_t(0);
+  const acc_t dot = cuda::warp_sum(sg.in_set ? sg.gw * w : acc_t(0));
+  const acc_t part = sg.taken ? slot_grad_part(sg.gw, sg.p, w, sg.in_set, dot, norm) : acc_t(0);
+  const acc_t part_sum = cuda::warp_sum(part);
 
-  // g_p of each candidate: slots broadcast in ascending order, the owning lane adds.
+  // The parts of each candidate's slots: slots broadcast in ascending order, the owning
+  // lane adds.
   acc_t g[kVpl];
 #pragma unroll
   for (int i = 0; i < kVpl; ++i) g[i] = 0;
   for (int s = 0; s < K; ++s) {
     const int cs = __shfl_sync(kFullMask, sg.taken ? sg.c : -1, s);
-    const acc_t gs = __shfl_sync(kFullMask, gp, s);
+    const acc_t gs = __shfl_sync(kFullMask, part, s);
 #pragma unroll
     for (int i = 0; i < kVpl; ++i) {
       if (lane + i * kWarp == cs) g[i] += gs;
@@ -310,7 +318,7 @@ __global__ void __launch_bounds__(kFastThreads)
     const int c = lane + i * kWarp;
     if (c < E) {
       const acc_t p = exp(v[i] - row_max) / denom;
-      grad_logits[t * E + c] = static_cast<scalar_t>(p * (g[i] - dot_gp));
+      grad_logits[t * E + c] = static_cast<scalar_t>(g[i] - p * part_sum);
     }
   }
 }
@@ -332,46 +340,43 @@ __global__ void __launch_bounds__(kBlockThreads)
   block_softmax_stats(row, E, scratch, row_max, denom);
 
   auto slot = [&](int s) {
-    return load_slot(ids, grad_w, row, t * K + s, E, num_real, row_max, denom);
+    return load_slot(ids, grad_w, row, t * K + s, E, num_real, norm, row_max, denom);
   };
-  acc_t sum_selected = 0;
-  acc_t sum_real = 0;
+  acc_t set_max = neg_inf<acc_t>();
   for (int s = threadIdx.x; s < K; s += kBlockThreads) {
     const auto sg = slot(s);
-    sum_selected += sg.p;
-    if (sg.real) sum_real += sg.p;
+    if (sg.in_set) set_max = max(set_max, sg.v);
   }
-  sum_selected = cuda::block_sum(sum_selected, scratch);
-  sum_real = cuda::block_sum(sum_real, scratch);
+  set_max = cuda::block_max(set_max, scratch);
+  acc_t share_sum = 0;
+  for (int s = threadIdx.x; s < K; s += kBlockThreads) {
+    const auto sg = slot(s);
+    share_sum += set_share(sg.v, set_max, sg.in_set);
+  }
+  share_sum = cuda::block_sum(share_sum, scratch);
   auto weight = [&](const SlotGrad<acc_t>& sg) {
-    return sg.taken ? slot_weight(sg.p, sg.real, sum_selected, sum_real, norm) : acc_t(0);
-  };
-  acc_t dot_selected = 0;
-  acc_t dot_real = 0;
-  for (int s = threadIdx.x; s < K; s += kBlockThreads) {
-    const auto sg = slot(s);
-    dot_selected += sg.gw * weight(sg);
-    if (sg.real) dot_real += sg.gw * weight(sg);
-  }
-  dot_selected = cuda::block_sum(dot_selected, scratch);
-  dot_real = cuda::block_sum(dot_real, scratch);
-  auto grad_p = [&](const SlotGrad<acc_t>& sg) {
-    return sg.taken ? slot_grad_p(sg.gw, sg.real, dot_selected, dot_real, sum_selected, sum_real,
-                                  norm)
+    return sg.taken ? slot_weight(sg.p, sg.in_set, set_share(sg.v, set_max, sg.in_set),
+                                  share_sum, norm)
                     : acc_t(0);
   };
-  acc_t dot_gp = 0;
+  acc_t dot = 0;
   for (int s = threadIdx.x; s < K; s += kBlockThreads) {
     const auto sg = slot(s);
-    dot_gp += grad_p(sg) * sg.p;
+    if (sg.in_set) dot += sg.gw * weight(sg);
   }
-  dot_gp = cuda::block_sum(dot_gp, scratch);
+  dot = cuda::block_sum(dot, scratch);
+  auto part = [&](const SlotGrad<acc_t>& sg) {
+    return sg.taken ? slot_grad_part(sg.gw, sg.p, weight(sg), sg.in_set, dot, norm) : acc_t(0);
+  };
+  acc_t part_sum = 0;
+  for (int s = threadIdx.x; s < K; s += kBlockThreads) part_sum += part(slot(s));
+  part_sum = cuda::block_sum(part_sum, scratch);
 
-  // Every candidate as if untaken (g_p = 0), then the taken ones overwritten after the
-  // barrier, each by the thread of its first slot, summing its slots in ascending order.
+  // Every candidate as if untaken (no part), then the taken ones overwritten after the
+  // barrier, each by the thread of its first slot, summing its slots' parts in ascending order.
   for (int c = threadIdx.x; c < E; c += kBlockThreads) {
     const acc_t p = exp(static_cast<acc_t>(row[c]) - row_max) / denom;
-    out[c] = static_cast<scalar_t>(p * (acc_t(0) - dot_gp));
+    out[c] = static_cast<scalar_t>(acc_t(0) - p * part_sum);  // +0, not -0, as on the CPU
   }
   __syncthreads();
   for (int s = threadIdx.x; s < K; s += kBlockThreads) {
@@ -382,9 +387,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (!first) continue;
     acc_t g = 0;
     for (int q = s; q < K; ++q) {
-      if (row_ids[q] == sg.c) g += grad_p(slot(q));
+      if (row_ids[q] == sg.c) g += part(slot(q));
     }
-    out[sg.c] = static_cast<scalar_t>(sg.p * (g - dot_gp));
+    out[sg.c] = static_cast<scalar_t>(g - sg.p * part_sum);
   }
 }
 

@@ -89,7 +89,9 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
     """ids[T,k_max] int32 and weights[T,k_max] (fp32; fp64 for fp64 logits)."""
     assert norm in NORMS, norm
     T, E = logits.shape
-    p = torch.softmax(logits.to(_opmath(logits.dtype)), dim=-1)
+    lg = logits.to(_opmath(logits.dtype))
+    p = torch.softmax(lg, dim=-1)
+    log_p = torch.log_softmax(lg, dim=-1) if norm != "none" else None
     ids = torch.full((T, k_max), -1, dtype=torch.int32)
     taken = []  # per token: list of (slot j, candidate)
     for t in range(T):
@@ -112,14 +114,18 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
     zero = p.new_zeros(())
     for t in range(T):
         chosen = taken[t]
-        w = [p[t, c] for c in chosen]
-        if norm == "selected" and chosen:
-            total = torch.stack(w).sum()
-            w = [wi / total for wi in w]
-        elif norm == "real" and chosen:
-            real = [wi for wi, c in zip(w, chosen) if c < num_real]
-            total = torch.stack(real).sum() if real else None
-            w = [wi / total if c < num_real else zero for wi, c in zip(w, chosen)]
+        if norm == "none":
+            w = [p[t, c] for c in chosen]
+        else:
+            # p / (sum of p over the set: the taken slots, or the taken real ones), written as
+            # a softmax of log p over the set: it stays exact where a capped virtual candidate
+            # leads the whole set so far that every p of it underflows, and a row whose
+            # softmax is NaN still gets NaN weights (and gradients), as p / sum p does.
+            members = [j for j, c in enumerate(chosen) if norm == "selected" or c < num_real]
+            share = torch.softmax(log_p[t, [chosen[j] for j in members]], dim=0)
+            w = [zero] * len(chosen)
+            for i, j in enumerate(members):
+                w[j] = share[i]
         w = w + [zero] * (k_max - len(chosen))
         rows.append(torch.stack(w) if w else p.new_zeros(0))
     weights = torch.stack(rows) if rows else p.new_zeros((0, k_max))

@@ -61,27 +61,45 @@ struct SlotWalk {
   }
 };
 
-// Weight of a taken candidate with probability p. `sum_selected` and `sum_real` are the
-// sums of p over the taken slots and over the taken real slots.
-template <typename Acc>
-AE_HOST_DEVICE Acc slot_weight(Acc p, bool is_real, Acc sum_selected, Acc sum_real, Norm norm) {
-  switch (norm) {
-    case Norm::kSelected: return p / sum_selected;
-    case Norm::kReal: return is_real ? p / sum_real : Acc(0);
-    default: return p;
-  }
+// The slots a norm shares the weight among: every taken one ("selected"), the taken real
+// ones ("real"), none ("none": a weight is the probability itself).
+AE_HOST_DEVICE bool in_norm_set(bool is_real, Norm norm) {
+  return norm == Norm::kSelected || (norm == Norm::kReal && is_real);
 }
 
-// d(weight_s)/d(p) contracted with the weights' gradient: the gradient reaching p of a
-// taken candidate, given dot = sum over taken s (of the normalised set) of gw_s * w_s.
+// expf/exp are the C library's on the host and CUDA's on the device.
+AE_HOST_DEVICE float exp_of(float x) { return expf(x); }
+AE_HOST_DEVICE double exp_of(double x) { return exp(x); }
+
+// A set member's share, exp(logit - set_max) with set_max the largest logit of the set: the
+// normalised weight is share / (sum of the set's shares), which is p / (sum of p over the
+// set) with the row's softmax denominator cancelled. Taken that way it stays exact when an
+// untaken candidate (a virtual one past the cap) leads the whole set by more than about 87
+// (fp32): there every p of the set is denormal, or 0 past 104, and p / sum p loses its
+// digits or is 0 / 0. The set's leader has share 1, so the sum is at least 1.
 template <typename Acc>
-AE_HOST_DEVICE Acc slot_grad_p(Acc gw, bool is_real, Acc dot_selected, Acc dot_real,
-                               Acc sum_selected, Acc sum_real, Norm norm) {
-  switch (norm) {
-    case Norm::kSelected: return (gw - dot_selected) / sum_selected;
-    case Norm::kReal: return is_real ? (gw - dot_real) / sum_real : Acc(0);
-    default: return gw;
-  }
+AE_HOST_DEVICE Acc set_share(Acc logit, Acc set_max, bool in_set) {
+  return in_set ? exp_of(logit - set_max) : Acc(0);
+}
+
+// Weight of a taken slot with probability p (softmax over the whole row). A row whose
+// softmax is NaN (a NaN or +inf logit) gives its set NaN weights, as p / sum p would.
+template <typename Acc>
+AE_HOST_DEVICE Acc slot_weight(Acc p, bool in_set, Acc share, Acc share_sum, Norm norm) {
+  if (norm == Norm::kNone) return p;
+  if (!in_set) return Acc(0);
+  return p != p ? p : share / share_sum;
+}
+
+// A taken slot's part of p_c * dL/dp_c, with gw its weight's gradient, w its weight and
+// dot the sum over the set of gw * w. The logits' gradient is, per candidate, the sum of
+// its slots' parts less p_c times the sum of every slot's part (the softmax backward). A
+// set member's part is w * (gw - dot): from the weights, not from p / sum p, for the same
+// reason as set_share.
+template <typename Acc>
+AE_HOST_DEVICE Acc slot_grad_part(Acc gw, Acc p, Acc w, bool in_set, Acc dot, Norm norm) {
+  if (norm == Norm::kNone) return p * gw;
+  return in_set ? w * (gw - dot) : Acc(0);
 }
 
 // ---- permute --------------------------------------------------------------------------
@@ -129,10 +147,6 @@ AE_HOST_DEVICE int64_t live_rows(const int32_t* offsets, int groups, int64_t row
 }
 
 // ---- swiglu ---------------------------------------------------------------------------
-
-// expf/exp are the C library's on the host and CUDA's on the device.
-AE_HOST_DEVICE float exp_of(float x) { return expf(x); }
-AE_HOST_DEVICE double exp_of(double x) { return exp(x); }
 
 // silu(gate) * up, with silu written as torch writes it: x / (1 + exp(-x)).
 template <typename Acc>
