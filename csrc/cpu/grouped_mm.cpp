@@ -19,10 +19,12 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   auto out = at::empty({R, b.size(2)}, a.options());
   const int32_t* off = offsets.data_ptr<int32_t>();
   // The groups tile [0, live) row after row, so every row before `live` is written here.
+  int32_t reach = 0;
   int64_t live = 0;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t begin = live;
-    live = next_group_end(begin, off[g], R);
+    reach = running_end(reach, off[g]);
+    live = clamp_end(reach, R);
     if (live == begin) continue;
     const auto rows = a.narrow(0, begin, live - begin);
     out.narrow(0, begin, live - begin).copy_(at::mm(rows.to(acc), b[g].to(acc)));

@@ -16,8 +16,10 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dout,
   const auto acc = accumulate_dtype(a.scalar_type());
   auto db = at::zeros({G, a.size(1), dout.size(1)}, a.options());
   const int32_t* off = offsets.data_ptr<int32_t>();
+  int32_t reach = 0;
   for (int64_t g = 0, begin = 0; g < G; ++g) {
-    const int64_t end = next_group_end(begin, off[g], R);
+    reach = running_end(reach, off[g]);
+    const int64_t end = clamp_end(reach, R);
     const int64_t n = end - begin;
     if (n > 0) {
       db[g].copy_(at::mm(a.narrow(0, begin, n).to(acc).t(), dout.narrow(0, begin, n).to(acc)));

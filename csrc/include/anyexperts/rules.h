@@ -116,19 +116,21 @@ AE_HOST_DEVICE int64_t permuted_rows(int64_t tokens, int64_t k, int64_t num_real
 
 // ---- grouped GEMM ---------------------------------------------------------------------
 
-// Offsets come from the device: group g spans [end(g-1), end(g)) with end(-1) = 0 and
-// end(g) = min(max(offsets[g], end(g-1)), rows), i.e. clamp(max(offsets[0..g]), 0, rows),
-// so groups never overlap or leave [0, rows). A loop over the groups in order carries the
-// previous end (O(1) a group); group_end serves a thread that sees one group only.
-AE_HOST_DEVICE int64_t next_group_end(int64_t prev_end, int32_t offset, int64_t rows) {
-  const int64_t end = offset > prev_end ? offset : prev_end;
-  return end < rows ? end : rows;
+// Offsets come from the device: group g spans [end(g-1), end(g)) with
+// end(g) = clamp(max(offsets[0..g]), 0, rows), so groups never overlap or leave [0, rows).
+// end(g) is a running max from 0 (running_end, one step of it) clamped to rows (clamp_end):
+// a loop over the groups in order carries the running max (O(1) a group); group_end
+// serves a thread that sees one group only.
+AE_HOST_DEVICE int32_t running_end(int32_t end, int32_t offset) {
+  return offset > end ? offset : end;
 }
 
+AE_HOST_DEVICE int64_t clamp_end(int32_t end, int64_t rows) { return end < rows ? end : rows; }
+
 AE_HOST_DEVICE int64_t group_end(const int32_t* offsets, int g, int64_t rows) {
-  int64_t end = 0;
-  for (int i = 0; i <= g; ++i) end = next_group_end(end, offsets[i], rows);
-  return end;
+  int32_t end = 0;
+  for (int i = 0; i <= g; ++i) end = running_end(end, offsets[i]);
+  return clamp_end(end, rows);
 }
 
 struct RowSpan {
