@@ -318,7 +318,9 @@ __global__ void __launch_bounds__(kFastThreads)
     const int c = lane + i * kWarp;
     if (c < E) {
       const acc_t p = exp(v[i] - row_max) / denom;
-      grad_logits[t * E + c] = static_cast<scalar_t>(g[i] - p * part_sum);
+      // unfused, as in the block path: the product rounds, and a zero keeps its sign, as
+      // on the CPU (an FMA gives -0 where p * part_sum underflows)
+      grad_logits[t * E + c] = static_cast<scalar_t>(g[i] - cuda::mul_rn(p, part_sum));
     }
   }
 }
@@ -376,7 +378,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   // barrier, each by the thread of its first slot, summing its slots' parts in ascending order.
   for (int c = threadIdx.x; c < E; c += kBlockThreads) {
     const acc_t p = exp(static_cast<acc_t>(row[c]) - row_max) / denom;
-    out[c] = static_cast<scalar_t>(acc_t(0) - p * part_sum);  // +0, not -0, as on the CPU
+    out[c] = static_cast<scalar_t>(acc_t(0) - cuda::mul_rn(p, part_sum));
   }
   __syncthreads();
   for (int s = threadIdx.x; s < K; s += kBlockThreads) {
@@ -389,7 +391,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int q = s; q < K; ++q) {
       if (row_ids[q] == sg.c) g += part(slot(q));
     }
-    out[sg.c] = static_cast<scalar_t>(g - sg.p * part_sum);
+    out[sg.c] = static_cast<scalar_t>(g - cuda::mul_rn(sg.p, part_sum));
   }
 }
 
