@@ -214,19 +214,18 @@ def fast_segmented_topk(logits, slots, max_virtual, k_max, num_real, norm="none"
     buf.scatter_(1, idx, torch.where(taken, order, torch.full_like(order, -1)))
     ids = buf[:, :k_max]
     ids = torch.where(ids >= 0, ids, torch.full_like(ids, -1))
-    p = torch.softmax(logits.to(acc), dim=-1)
     live = ids >= 0
-    pw = torch.where(live, p.gather(1, ids.clamp(min=0)) if E else torch.zeros_like(ids, dtype=acc),
-                     torch.zeros((), dtype=acc))
-    if norm == "selected":
-        w = torch.where(live, pw / pw.sum(1, keepdim=True), torch.zeros((), dtype=acc))
-    elif norm == "real":
-        real = live & (ids < num_real)
-        tot = torch.where(real, pw, torch.zeros((), dtype=acc)).sum(1, keepdim=True)
-        w = torch.where(real, pw / tot, torch.zeros((), dtype=acc))
-    else:
-        w = pw
-    return ids.to(torch.int32), w
+    zero = torch.zeros((), dtype=acc)
+
+    def at_ids(per_candidate):
+        return per_candidate.gather(1, ids.clamp(min=0)) if E else torch.zeros_like(ids, dtype=acc)
+
+    if norm == "none":
+        return ids.to(torch.int32), torch.where(live, at_ids(torch.softmax(logits.to(acc), -1)), zero)
+    # p / sum p over the set as a softmax of log p over it, as reference.py writes it
+    in_set = live & (ids < num_real) if norm == "real" else live
+    lp = torch.where(in_set, at_ids(torch.log_softmax(logits.to(acc), -1)), float("-inf"))
+    return ids.to(torch.int32), torch.where(in_set, torch.softmax(lp, dim=1), zero)
 
 
 def fast_permute(x, ids, num_real, align):
