@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import math
 import numbers
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -240,6 +241,17 @@ def _recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def _shortest_fp32_decimal(value: float) -> float:
+    """The shortest decimal that rounds to the same fp32 as ``value``: a target saved as
+    fp32 6.3 reads back as 6.3, not 6.300000190734863."""
+    as_fp32 = struct.unpack("f", struct.pack("f", value))[0]
+    for digits in range(1, 10):  # 9 significant digits always round-trip an fp32
+        short = float(f"{as_fp32:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", short))[0] == as_fp32:
+            return short
+    return as_fp32
+
+
 def _counts(real_total: Tensor, T) -> Tensor:
     """The controller's measurement: (real slots, tokens), fp64 (exact to 2^53 tokens)."""
     return torch.stack([real_total.to(torch.float64),
@@ -379,7 +391,7 @@ class AnyExpertsMoE(nn.Module):
         # reset_parameters and config.to_dict() do not bring back the constructed target
         if prefix + "budget_target" in state_dict and not self.budget_target.is_meta:
             target = float(self.budget_target)
-            self.config.target_avg_k = target if target > 0 else None
+            self.config.target_avg_k = _shortest_fp32_decimal(target) if target > 0 else None
 
     # The controller's transient state: plain tensor attributes, not buffers, because DDP
     # broadcasts every buffer from rank 0 before a forward, which would replace each rank's
@@ -724,17 +736,22 @@ class AnyExpertsMoE(nn.Module):
         def counts(real_total):
             return self._reduce_counts(_counts(real_total, T))
 
-        # A non-finite token gets K_min whatever the bias and would pull the bias toward
-        # whatever makes up for it; one collective counts them on every rank, so all raise.
-        nonfinite, tokens = (int(n) for n in counts((~x2.isfinite().all(dim=1)).sum()))
-        if tokens == 0:
-            raise ValueError("calibrate_budget needs at least one token")
-        if nonfinite:
-            raise ValueError(f"calibrate_budget: {nonfinite} of {tokens} tokens have a "
-                             "non-finite (NaN or inf) hidden state; calibrate on finite tokens")
         score = self.importance(x2)
         _, rec, _ = self._route(x2)  # logits / cap rule as in forward
         logits = rec.logits
+
+        # A token with a non-finite hidden state, score or logit (a finite x can overflow)
+        # gets the same slots whatever the bias, and would pull the bias toward whatever
+        # makes up for it; one collective counts them on every rank, so all raise.
+        finite = (x2.isfinite().all(dim=1) & score.isfinite()
+                  & logits.isfinite().all(dim=1))
+        nonfinite, tokens = (int(n) for n in counts((~finite).sum()))
+        if tokens == 0:
+            raise ValueError("calibrate_budget needs at least one token")
+        if nonfinite:
+            raise ValueError(f"calibrate_budget: {nonfinite} of {tokens} tokens (over the "
+                             "ranks with budget_sync) have a non-finite hidden state, "
+                             "importance score or router logit; calibrate on finite tokens")
 
         def measure(b: float) -> float:
             bias = torch.tensor(b, dtype=torch.float32, device=x2.device)

@@ -44,7 +44,7 @@ class RoutingStats:
     virtual_share: Tensor       # virtual / (real + virtual) over all taken slots
     expert_load: Tensor         # [N] fraction of real slots per real expert (sums to 1)
     load_imbalance: Tensor      # max expert load / mean expert load (1 = perfectly even)
-    importance_mean: Tensor     # mean w_i (0 without a predictor)
+    importance_mean: Tensor     # mean w_i, NaN w left out (0 without a predictor)
     importance_hist: Tensor     # [bins] fraction of tokens per w bin over [0, 1] (NaN w: none)
     real_slots: Tensor          # int64: total real slots (= live GEMM rows before padding)
     gemm_rows: Tensor           # int64: rows the GEMMs compute (real slots + align padding)
@@ -164,7 +164,7 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
         # A NaN w (a NaN token) falls in no bin; .long() of NaN is undefined, hence the where.
         b = torch.where(w.isnan(), bins, (w * bins).long().clamp(0, bins - 1))
         hist = bucket_sums(b, torch.ones_like(w), bins) / denom
-        imp_mean = w.mean()
+        imp_mean = w.nanmean()
     else:
         hist = torch.zeros(bins, dtype=f32, device=dev)
         imp_mean = torch.zeros((), dtype=f32, device=dev)
@@ -207,8 +207,10 @@ class StatsMeter:
     decode steps after it count each token once, and an empty forward counts for nothing.
     """
 
-    # field -> the field whose value weights it (None: summed as it is)
+    # field -> the summed field that weights it (None: a sum itself); taken_slots is the
+    # meter's own, for virtual_share
     _WEIGHTS = {"tokens": None, "real_slots": None, "gemm_rows": None, "modality_tokens": None,
+                "taken_slots": None,
                 "real_per_token": "tokens", "virtual_per_token": "tokens",
                 "slots_per_token": "tokens", "importance_mean": "tokens",
                 "importance_hist": "tokens", "load_imbalance": "tokens",
@@ -222,31 +224,28 @@ class StatsMeter:
     @torch.no_grad()
     def update(self, stats: RoutingStats) -> None:
         self.steps += 1
-        weights = {f.name: getattr(stats, f.name) for f in fields(stats)}
-        weights["taken_slots"] = stats.tokens * (stats.real_per_token + stats.virtual_per_token)
+        values = {f.name: getattr(stats, f.name) for f in fields(stats)}
+        values["taken_slots"] = stats.tokens * (stats.real_per_token + stats.virtual_per_token)
         for name, by in self._WEIGHTS.items():
-            v = weights[name]
+            v = values[name]
             if v is None:
                 continue
-            v = v.detach().double()
-            if by is not None:
-                v = v * weights[by].detach().double()
-                self._add("_w_" + name, weights[by].detach().double())
-            self._add(name, v)
-
-    def _add(self, key: str, v: Tensor) -> None:
-        self._sums[key] = self._sums[key] + v if key in self._sums else v
+            # integer counts stay exact integers; everything else sums in fp64
+            v = v.detach() if by is None else v.detach() * values[by].detach().double()
+            if v.is_floating_point():
+                v = v.double()
+            self._sums[name] = self._sums[name] + v if name in self._sums else v
 
     def summary(self) -> dict:
         if self.steps == 0:
             return {}
         out = {}
         for name, by in self._WEIGHTS.items():
-            if name not in self._sums:
+            if name not in self._sums or name == "taken_slots":
                 continue
             v = self._sums[name]
             if by is not None:
-                v = v / self._sums["_w_" + name].clamp(min=1)
+                v = v / self._sums[by].double().clamp(min=1)
             v = v.cpu()
             out[name] = v.item() if v.dim() == 0 else v.tolist()
         return out
