@@ -90,3 +90,18 @@ def test_double_backward_raises(op):
         for g in grads:
             with pytest.raises(RuntimeError, match=re.escape(message)):
                 torch.autograd.grad(g.sum(), inp, allow_unused=True)
+
+
+def test_torch_func_transforms_as_documented():
+    """README: torch.func.grad raises for these ops (torch.library.register_autograd gives no
+    functorch support), and vmap runs them through the batching fallback, entry by entry.
+    If a torch release lifts the first, this test says so and the README must change."""
+    a = torch.randn(10, 4, dtype=F64)
+    b = torch.randn(3, 2, 4, 5, dtype=F64)
+    offsets = torch.tensor([4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda bb: ae.grouped_mm(a, bb, offsets).sum())(b[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = torch.func.vmap(lambda bb: ae.grouped_mm(a, bb, offsets))(b)
+    torch.testing.assert_close(batched, torch.stack([ae.grouped_mm(a, bb, offsets) for bb in b]))
