@@ -92,15 +92,24 @@ def test_double_backward_raises(op):
                 torch.autograd.grad(g.sum(), inp, allow_unused=True)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD scripts a helper
 def test_torch_func_transforms_as_documented():
     """README: torch.func.grad raises for these ops (torch.library.register_autograd gives no
-    functorch support), and vmap runs them through the batching fallback, entry by entry.
-    If a torch release lifts the first, this test says so and the README must change."""
+    functorch support), forward mode gives no tangent (zeros under torch.func.jvp: silently
+    wrong, hence documented), and vmap runs them through the batching fallback, entry by
+    entry. If a torch release changes any of it, this test says so and the README must."""
     a = torch.randn(10, 4, dtype=F64)
     b = torch.randn(3, 2, 4, 5, dtype=F64)
     offsets = torch.tensor([4, 10], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.grad(lambda bb: ae.grouped_mm(a, bb, offsets).sum())(b[0])
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(b[0], torch.ones_like(b[0]))
+        out = ae.grouped_mm(a, dual, offsets)
+        assert torch.autograd.forward_ad.unpack_dual(out).tangent is None
+    _, tangent = torch.func.jvp(lambda bb: ae.grouped_mm(a, bb, offsets), (b[0],),
+                                (torch.ones_like(b[0]),))
+    assert (tangent == 0).all()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batched = torch.func.vmap(lambda bb: ae.grouped_mm(a, bb, offsets))(b)

@@ -455,9 +455,11 @@ def test_nan_importance_left_out_of_its_statistics():
     want = torch.histc(finite, bins=10, min=0.0, max=1.0) / 8
     torch.testing.assert_close(aux.stats.importance_hist, want)
     torch.testing.assert_close(aux.stats.importance_mean, finite.mean())
+    _, lone = m(x[3:4])  # a forward whose only importance is NaN
+    assert float(lone.stats.importance_mean) == 0.0
     meter = StatsMeter()
-    meter.update(aux.stats)
-    meter.update(m(torch.randn(8, H))[1].stats)
+    for stats in (aux.stats, lone.stats, m(torch.randn(8, H))[1].stats):
+        meter.update(stats)
     assert math.isfinite(meter.summary()["importance_mean"])
 
 

@@ -44,7 +44,7 @@ class RoutingStats:
     virtual_share: Tensor       # virtual / (real + virtual) over all taken slots
     expert_load: Tensor         # [N] fraction of real slots per real expert (sums to 1)
     load_imbalance: Tensor      # max expert load / mean expert load (1 = perfectly even)
-    importance_mean: Tensor     # mean w_i, NaN w left out (0 without a predictor)
+    importance_mean: Tensor     # mean w_i, NaN w left out (0 without a predictor or a number)
     importance_hist: Tensor     # [bins] fraction of tokens per w bin over [0, 1] (NaN w: none)
     real_slots: Tensor          # int64: total real slots (= live GEMM rows before padding)
     gemm_rows: Tensor           # int64: rows the GEMMs compute (real slots + align padding)
@@ -164,7 +164,7 @@ def routing_stats(record: RoutingRecord, num_real: int, *, gemm_rows_capacity: i
         # A NaN w (a NaN token) falls in no bin; .long() of NaN is undefined, hence the where.
         b = torch.where(w.isnan(), bins, (w * bins).long().clamp(0, bins - 1))
         hist = bucket_sums(b, torch.ones_like(w), bins) / denom
-        imp_mean = w.nanmean()
+        imp_mean = torch.nan_to_num(w.nanmean(), nan=0.0)  # 0 where no w is a number
     else:
         hist = torch.zeros(bins, dtype=f32, device=dev)
         imp_mean = torch.zeros((), dtype=f32, device=dev)
