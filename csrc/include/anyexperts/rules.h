@@ -73,10 +73,11 @@ AE_HOST_DEVICE double exp_of(double x) { return exp(x); }
 
 // A set member's share, exp(logit - set_max) with set_max the largest logit of the set: the
 // normalised weight is share / (sum of the set's shares), which is p / (sum of p over the
-// set) with the row's softmax denominator cancelled. Taken that way it stays exact when an
-// untaken candidate (a virtual one past the cap) leads the whole set by more than about 87
-// (fp32): there every p of the set is denormal, or 0 past 104, and p / sum p loses its
-// digits or is 0 / 0. The set's leader has share 1, so the sum is at least 1.
+// set) with the row's softmax denominator cancelled. Taken that way it stays exact when a
+// candidate outside the set (a virtual one past the cap; under "real", any virtual one)
+// leads the whole set by more than about 87 (fp32): there every p of the set is denormal,
+// or 0 past 104, and p / sum p loses its digits or is 0 / 0. The set's leader has share 1,
+// so the sum is at least 1.
 template <typename Acc>
 AE_HOST_DEVICE Acc set_share(Acc logit, Acc set_max, bool in_set) {
   return in_set ? exp_of(logit - set_max) : Acc(0);
