@@ -29,24 +29,31 @@ void softmax_row(const scalar_t* row, int64_t E, Acc* p) {
   for (int64_t c = 0; c < E; ++c) p[c] = static_cast<Acc>(p[c] / sum);
 }
 
-// Weights of a token's K slots by slot_weight (rules.h); a slot whose id is no candidate
-// (-1, or anything outside [0, E) from a caller) is not taken and weighs 0.
+// A slot is taken when its id is a candidate: ids may come from a caller, and -1 or anything
+// else outside [0, E) is ignored, never read.
+bool taken(int32_t c, int64_t E) { return c >= 0 && c < E; }
+
+bool in_set(int32_t c, int64_t E, int64_t num_real, Norm norm) {
+  return taken(c, E) && in_norm_set(c < num_real, norm);
+}
+
+// Weights of a token's K slots by slot_weight (rules.h); a slot not taken weighs 0.
 template <typename scalar_t, typename Acc>
 void slot_weights(const scalar_t* row, const Acc* p, const int32_t* ids, int64_t K, int64_t E,
                   int64_t num_real, Norm norm, Acc* w) {
-  auto taken = [E](int32_t c) { return c >= 0 && c < E; };
-  auto in_set = [&](int32_t c) { return taken(c) && in_norm_set(c < num_real, norm); };
+  auto member = [&](int32_t c) { return in_set(c, E, num_real, norm); };
   Acc set_max = -std::numeric_limits<Acc>::infinity();
   for (int64_t j = 0; j < K; ++j) {
-    if (in_set(ids[j])) set_max = std::max(set_max, static_cast<Acc>(row[ids[j]]));
+    if (member(ids[j])) set_max = std::max(set_max, static_cast<Acc>(row[ids[j]]));
   }
   Acc share_sum = 0;
   for (int64_t j = 0; j < K; ++j) {
-    w[j] = in_set(ids[j]) ? set_share(static_cast<Acc>(row[ids[j]]), set_max, true) : Acc(0);
+    w[j] = member(ids[j]) ? set_share(static_cast<Acc>(row[ids[j]]), set_max, true) : Acc(0);
     share_sum += w[j];
   }
   for (int64_t j = 0; j < K; ++j) {
-    w[j] = taken(ids[j]) ? slot_weight(p[ids[j]], in_set(ids[j]), w[j], share_sum, norm) : Acc(0);
+    w[j] = taken(ids[j], E) ? slot_weight(p[ids[j]], member(ids[j]), w[j], share_sum, norm)
+                            : Acc(0);
   }
 }
 
@@ -137,18 +144,16 @@ at::Tensor segmented_topk_backward_cpu(const at::Tensor& grad_weights_in,
         const Acc* tgw = gw + t * K;
         softmax_row(row, E, p.data());
         slot_weights(row, p.data(), tid, K, E, num_real, norm, w.data());
-        // ids come from the caller: ignore any outside [0, E).
-        auto taken = [E](int32_t c) { return c >= 0 && c < E; };
-        auto in_set = [&](int32_t c) { return taken(c) && in_norm_set(c < num_real, norm); };
         Acc dot = 0;
         for (int64_t j = 0; j < K; ++j) {
-          if (in_set(tid[j])) dot += tgw[j] * w[j];
+          if (in_set(tid[j], E, num_real, norm)) dot += tgw[j] * w[j];
         }
         std::fill(part.begin(), part.end(), Acc(0));
         Acc part_sum = 0;
         for (int64_t j = 0; j < K; ++j) {
-          if (!taken(tid[j])) continue;
-          const Acc g = slot_grad_part(tgw[j], p[tid[j]], w[j], in_set(tid[j]), dot, norm);
+          if (!taken(tid[j], E)) continue;
+          const Acc g =
+              slot_grad_part(tgw[j], p[tid[j]], w[j], in_set(tid[j], E, num_real, norm), dot, norm);
           part[tid[j]] += g;
           part_sum += g;
         }
