@@ -7,6 +7,9 @@ One run per shape measures, side by side (same input, same expert weights):
                             (``set_budget(avg, x)`` on the benchmark batch);
   * ``anyexperts_tight_k``  the same layer and weights with K in [top_k/4, top_k] at the
                             lowest Avg-K: what the configured K_max's static rows cost;
+  * ``anyexperts_recompute`` the layer at the lowest Avg-K with ``recompute_activations``:
+                            the backward recomputes x_perm and the SwiGLU output (time and
+                            peak memory of that trade);
   * ``static_topk``         the same layer class and kernels at static top-K (K = top_k);
   * ``weight0_virtual``     the AnyExperts routing with virtual slots sent to a real expert
                             with weight 0 instead of masked (bench/baselines.py);
@@ -769,6 +772,15 @@ class Suite:
                     self.in_turns(any_rows, static, layer, x, dy, layer_call)
             else:
                 any_rows = []
+            if "recompute" in wanted and target == min(plan["targets"]):
+                rb = dict(b, name=f"anyexperts avg-k {target:g}, recompute_activations",
+                          variant="anyexperts_recompute",
+                          impl=f"{b['impl']}, x_perm and h recomputed in backward")
+                layer.config.recompute_activations = True
+                try:
+                    self.layer_rows(rb, layer, x, dy, layer_call(layer))
+                finally:
+                    layer.config.recompute_activations = False
             if "compiled" in wanted and target == min(plan["targets"]):
                 cb = dict(b, name=f"anyexperts avg-k {target:g}, torch.compile",
                           variant="anyexperts_compiled",
@@ -1192,8 +1204,9 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (CPU runs on busy machines: 1; --quick on a "
                         "CPU: 1 unless set)")
-    p.add_argument("--variants", default="static,anyexperts,weight0,tight,compiled,gmm,eager",
-                   help="subset of static,anyexperts,weight0,tight,compiled,gmm,eager "
+    p.add_argument("--variants",
+                   default="static,anyexperts,recompute,weight0,tight,compiled,gmm,eager",
+                   help="subset of static,anyexperts,recompute,weight0,tight,compiled,gmm,eager "
                         "(compiled: static top-K and the lowest Avg-K under torch.compile)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled rows (CPU smoke tests: "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import numbers
 import struct
@@ -32,6 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils import checkpoint as _checkpoint
 
 from . import reference as _reference
 from .stats import (MoEAux, RoutingRecord, acc as _acc, expert_counts, load_balance_loss,
@@ -89,6 +91,7 @@ class AnyExpertsConfig:
     iar_scale: float = 1.0                   # IAR: virtual logits += iar * (1 - 2w) (0 disables)
     norm: str = "selected"                   # segmented_topk weight normalisation
     align: int = 1                           # GEMM group row alignment (permute's align)
+    recompute_activations: bool = False      # backward recomputes x_perm and the SwiGLU output
     # losses (coefficients of MoEAux.loss)
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -142,7 +145,8 @@ class AnyExpertsConfig:
         bad = [n for n in ints if not isinstance(getattr(self, n), numbers.Integral)
                or isinstance(getattr(self, n), bool)]
         need(not bad, f"{', '.join(bad)} must be integers")
-        need(isinstance(self.budget_sync, bool), "budget_sync must be a bool")
+        need(isinstance(self.budget_sync, bool) and isinstance(self.recompute_activations, bool),
+             "budget_sync and recompute_activations must be bools")
         nonneg = ("load_balance_coef", "z_loss_coef", "budget_loss_coef", "controller_rate")
         bad = [n for n in nonneg if not (math.isfinite(getattr(self, n)) and getattr(self, n) >= 0)]
         need(not bad, f"{', '.join(bad)} must be finite and >= 0")
@@ -239,6 +243,24 @@ def _recomputing() -> bool:
     """True while activation checkpointing re-runs a forward inside the backward pass (the
     only forward that runs there in training)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+# recompute_activations: what the backward recomputes rather than keeps. permute and swiglu
+# are passes over memory, cheap beside the GEMMs whose inputs they make; under autocast the
+# GEMMs also cast their operands, and the cast of the activation rows (2-D, [R, H]) is
+# recomputed with them, while the weights' casts (3-D) are kept, as they are without
+# recompute. Everything else in a checkpointed region (the GEMM outputs, the offsets) is
+# saved, so no GEMM runs twice.
+def _recompute_policy(ctx, func, *args, **kwargs):
+    ops = torch.ops.anyexperts
+    if (func is ops.permute.default or func is ops.swiglu.default
+            or (func is torch.ops.aten._to_copy.default and args[0].dim() == 2)):
+        return _checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+    return _checkpoint.CheckpointPolicy.MUST_SAVE
+
+
+_recompute_contexts = functools.partial(_checkpoint.create_selective_checkpoint_contexts,
+                                        _recompute_policy)
 
 
 def _shortest_fp32_decimal(value: float) -> float:
@@ -559,17 +581,39 @@ class AnyExpertsMoE(nn.Module):
         refers to are exactly those when align is 1; with align > 1 they include the groups'
         padding rows, which the GEMMs read, so grad y keeps them zero. Under autograd's anomaly
         mode (eager), which checks every gradient for NaN, dead rows included, they are
-        zeroed."""
+        zeroed.
+
+        With ``config.recompute_activations`` (ops backend, grad enabled) each half runs as a
+        selective checkpoint: the GEMM outputs are kept, x_perm [R, H] and h [R, F] are
+        recomputed by a permute and a SwiGLU pass when the backward reaches their GEMM, so
+        each lives only while its own GEMM's backward runs."""
         c = self.config
-        B = self._B
         zero = (not torch.compiler.is_compiling() and torch.is_anomaly_enabled()
                 and torch.is_anomaly_check_nan_enabled())
-        x_perm, offsets, slot_rows = B.permute(xh, ids, c.num_experts, c.align, zero_tail=zero)
-        gu = B.grouped_mm(x_perm, self.w_gate_up.transpose(1, 2), offsets, zero_tail=zero)
-        h = B.swiglu(gu, offsets, zero_tail=zero)
-        y = B.grouped_mm(h, self.w_down.transpose(1, 2), offsets, zero_tail=zero)
-        out = B.unpermute(y, slot_rows, weights, zero_unreferenced=zero or c.align > 1)
+        gate_up = functools.partial(self._gate_up, zero=zero)
+        down = functools.partial(self._down, zero=zero)
+        if c.recompute_activations and self.backend == "ops" and torch.is_grad_enabled():
+            region = functools.partial(_checkpoint.checkpoint, use_reentrant=False,
+                                       context_fn=_recompute_contexts,
+                                       preserve_rng_state=False)
+            gu, offsets, slot_rows = region(gate_up, xh, ids, self.w_gate_up)
+            y = region(down, gu, offsets, self.w_down)
+        else:
+            gu, offsets, slot_rows = gate_up(xh, ids, self.w_gate_up)
+            y = down(gu, offsets, self.w_down)
+        out = self._B.unpermute(y, slot_rows, weights, zero_unreferenced=zero or c.align > 1)
         return out, offsets
+
+    def _gate_up(self, xh: Tensor, ids: Tensor, w_gate_up: Tensor, *, zero: bool):
+        c = self.config
+        x_perm, offsets, slot_rows = self._B.permute(xh, ids, c.num_experts, c.align,
+                                                     zero_tail=zero)
+        gu = self._B.grouped_mm(x_perm, w_gate_up.transpose(1, 2), offsets, zero_tail=zero)
+        return gu, offsets, slot_rows
+
+    def _down(self, gu: Tensor, offsets: Tensor, w_down: Tensor, *, zero: bool):
+        h = self._B.swiglu(gu, offsets, zero_tail=zero)
+        return self._B.grouped_mm(h, w_down.transpose(1, 2), offsets, zero_tail=zero)
 
     def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """out plus the virtual experts' terms (copy adds weight * x', const weight * v_j,

@@ -1,0 +1,192 @@
+"""config.recompute_activations: the backward recomputes x_perm (a permute) and the SwiGLU
+output instead of keeping them from the forward. Same numbers, less memory held between
+forward and backward, no GEMM run twice."""
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+
+from anyexperts_ops import presets
+from anyexperts_ops.layer import AnyExpertsConfig, AnyExpertsMoE
+
+DEVICES = pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+
+H, F, N = 64, 48, 8
+CONFIGS = {
+    # importance slots with zero/copy/const virtual experts, the budget controller on
+    "anyexperts": lambda **kw: presets.anyexperts(H, F, N, num_virtual=4, k_min=2, k_max=6,
+                                                  target_avg_k=4.0, **kw),
+    "static_topk": lambda **kw: presets.static_topk(H, F, N, 2, **kw),
+    "null_experts": lambda **kw: presets.null_experts(H, F, N, k=3, num_null=2, **kw),
+}
+
+
+def _pair(name, dtype, device, **kw):
+    """The same layer (same weights) without and with recompute_activations."""
+    torch.manual_seed(0)
+    plain = AnyExpertsMoE(CONFIGS[name](**kw)).to(device=device, dtype=dtype)
+    rc = copy.deepcopy(plain)
+    rc.config.recompute_activations = True
+    return plain, rc
+
+
+def _step(m, x, wrap=None):
+    out, aux = (wrap or (lambda m, x: m(x)))(m, x)
+    target = torch.sin(torch.arange(out.numel(), device=out.device)).view_as(out)
+    loss = (out.float() * target).sum()
+    if aux.loss.requires_grad:  # not under reentrant checkpointing (README)
+        loss = loss + aux.loss
+    leaves = [x] + list(m.parameters())
+    for t in leaves:
+        t.grad = None
+    loss.backward()  # not autograd.grad: reentrant checkpointing refuses it
+    return out.detach(), [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+def _assert_equal(got, want):
+    (out, grads), (out_w, grads_w) = got, want
+    assert torch.equal(out, out_w)
+    for i, (g, gw) in enumerate(zip(grads, grads_w)):
+        assert (g is None) == (gw is None), i
+        assert g is None or torch.equal(g, gw), i
+
+
+@DEVICES
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("align", [1, 8])
+@pytest.mark.parametrize("T", [0, 1, 300])
+def test_recompute_gives_the_same_numbers(name, dtype, align, T, device):
+    """The recomputed permute and SwiGLU are deterministic, so outputs, every gradient and
+    the controller's buffers are bitwise those of the layer that keeps them."""
+    plain, rc = _pair(name, dtype, device, align=align)
+    x = torch.randn(T, H, dtype=dtype, device=device, requires_grad=True)
+    _assert_equal(_step(rc, x), _step(plain, x))
+    for (n, b), (_, b_w) in zip(rc.named_buffers(), plain.named_buffers()):
+        assert torch.equal(b, b_w), n
+
+
+@DEVICES
+def test_recompute_under_autocast(device):
+    """fp32 weights, bf16 GEMMs: the recomputed casts of the activation rows give the same
+    bits as the kept ones."""
+    plain, rc = _pair("anyexperts", torch.float32, device, align=4)
+    x = torch.randn(200, H, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        _assert_equal(_step(rc, x), _step(plain, x))
+
+
+@DEVICES
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_recompute_inside_activation_checkpointing(use_reentrant, device):
+    """The layer's own checkpoint regions nest inside a user's checkpoint of the layer."""
+    plain, rc = _pair("anyexperts", torch.float64, device)
+    x = torch.randn(64, H, dtype=torch.float64, device=device, requires_grad=True)
+
+    def ckpt(m, x):
+        return checkpoint(m, x, use_reentrant=use_reentrant)
+
+    _assert_equal(_step(rc, x, ckpt), _step(plain, x, ckpt))
+
+
+def test_recompute_under_torch_compile():
+    """fullgraph=True traces the selective checkpoints (aot_eager: the capture and the
+    partitioning under test, without inductor's minutes of C++ codegen on a CPU)."""
+    torch._dynamo.reset()
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    x = torch.randn(96, H, requires_grad=True)
+    compiled = torch.compile(rc, fullgraph=True, backend="aot_eager")
+    _assert_equal(_step(compiled, x), _step(plain, x))
+    torch._dynamo.reset()
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "anyexperts":
+            self.calls[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_calls(m, x):
+    out, aux = m(x)
+    with _OpCounter() as counter:
+        (out.square().sum() + aux.loss).backward()
+    return counter.calls
+
+
+def test_recompute_reruns_permute_and_swiglu_only():
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    x = torch.randn(100, H, requires_grad=True)
+    want, got = _backward_calls(plain, x), _backward_calls(rc, x)
+    assert got - want == collections.Counter({"permute": 1, "swiglu": 1})
+    assert want - got == collections.Counter()
+
+
+def _held_after_forward(m, x):
+    """Bytes allocated by the forward and still held when it returns (the output and what
+    autograd keeps for the backward), from the profiler's allocation events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out, aux = m(x)
+    held = 0
+    for e in prof.events():  # an op's own allocations, and frees (events of their own)
+        held += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+    del out, aux
+    return held
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recompute_holds_x_perm_and_h_no_longer(autocast):
+    """What the forward leaves for the backward shrinks by x_perm [R, H] and h [R, F],
+    R = T * K_max, in the GEMMs' dtype, and by nothing more (what else would be recomputed
+    is kept). Under autocast (an fp32 layer, bf16 GEMMs) the bf16 casts of x_perm are what
+    the GEMM kept; the recompute keeps the fp32 x' [T, H] it permutes instead (without
+    autocast the virtual experts keep that tensor anyway)."""
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    T = 512
+    x = torch.randn(T, H, requires_grad=True)
+    R = T * rc.config.k_max
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        freed = _held_after_forward(plain, x) - _held_after_forward(rc, x)
+    gemm_bytes = 2 if autocast else 4
+    expected = R * (H + F) * gemm_bytes - (T * H * 4 if autocast else 0)
+    assert abs(freed - expected) <= 0.02 * expected, (freed, expected)
+
+
+def test_recompute_backward_runs_once():
+    """PyTorch's selective checkpointing allows one backward per forward: a second one
+    (retain_graph=True) raises instead of recomputing from consumed entries."""
+    _, rc = _pair("anyexperts", torch.float32, "cpu")
+    out, aux = rc(torch.randn(20, H, requires_grad=True))
+    loss = out.square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward"):
+        loss.backward()
+
+
+def test_recompute_off_the_training_path():
+    """No graph (no_grad, eval inference): nothing to recompute, nothing checkpointed; the
+    reference backend keeps everything (its ops are not the ones the policy names)."""
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    x = torch.randn(50, H)
+    with torch.no_grad():
+        assert torch.equal(rc.eval()(x)[0], plain.eval()(x)[0])
+    plain.train().backend = rc.train().backend = "reference"
+    x.requires_grad_(True)
+    _assert_equal(_step(rc, x), _step(plain, x))
+
+
+def test_recompute_must_be_a_bool():
+    with pytest.raises(ValueError, match="recompute_activations must be"):
+        AnyExpertsConfig(H, F, N, recompute_activations=1)
