@@ -440,6 +440,11 @@ def test_nan_token_gets_k_min_slots_and_a_nan_output():
     assert int(aux.routing.slots[2]) == m.config.k_min
     assert int(aux.routing.max_virtual[2]) == m.config.virtual_cap(m.config.k_min)
     assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4]]).all()
+    assert torch.isnan(aux.load_balance_loss) and torch.isnan(aux.loss)
+    # a coefficient of 0 turns its term off: no 0 * NaN in aux.loss
+    off = _layer(load_balance_coef=0.0)
+    _, aux = off(x)
+    assert torch.isnan(aux.load_balance_loss) and float(aux.loss) == 0.0
 
 
 def test_nan_importance_left_out_of_its_statistics():

@@ -669,7 +669,9 @@ class AnyExpertsMoE(nn.Module):
             bl = on * ((soft_real - self.budget_target) / c.k_max).square()
         else:
             bl = zero
-        loss = c.load_balance_coef * lb
+        # a coefficient of 0 leaves its term out, so that a NaN token's NaN losses do not
+        # reach aux.loss through 0 * NaN
+        loss = c.load_balance_coef * lb if c.load_balance_coef > 0 else zero
         if c.z_loss_coef > 0:
             loss = loss + c.z_loss_coef * zl
         if c.budget_loss_coef > 0:
