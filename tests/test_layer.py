@@ -444,7 +444,10 @@ def test_nan_token_gets_k_min_slots_and_a_nan_output():
     # a coefficient of 0 turns its term off: no 0 * NaN in aux.loss
     off = _layer(load_balance_coef=0.0)
     _, aux = off(x)
-    assert torch.isnan(aux.load_balance_loss) and float(aux.loss) == 0.0
+    assert torch.isnan(aux.load_balance_loss) and float(aux.loss.detach()) == 0.0
+    _, aux = off(x[[0, 1, 3, 4]])
+    aux.loss.backward()  # still a graph over the logits, with zero gradients
+    assert float(aux.loss.detach()) == 0.0 and not off.router.weight.grad.any()
 
 
 def test_nan_importance_left_out_of_its_statistics():

@@ -164,9 +164,31 @@ def test_recompute_holds_x_perm_and_h_no_longer(autocast):
     assert abs(freed - expected) <= 0.02 * expected, (freed, expected)
 
 
+@pytest.mark.parametrize("around", ["checkpoint", "saved_tensors_hooks"])
+def test_recompute_steps_aside_under_saved_tensor_hooks(around):
+    """An enclosing non-reentrant checkpoint drops everything the layer saves, and offloading
+    hooks move it; the regions' own cache of the GEMM outputs would bypass both (holding
+    R*(H+2F) elements more than without recompute), so the layer runs them plainly there."""
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    x = torch.randn(512, H, requires_grad=True)
+
+    def held(m):
+        if around == "checkpoint":
+            return _held_after_forward(lambda x: checkpoint(m, x, use_reentrant=False), x)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return _held_after_forward(m, x)
+
+    assert held(rc) == held(plain)
+    assert _held_after_forward(rc, x) < _held_after_forward(plain, x)  # and without: less
+    wrap = ((lambda m, x: checkpoint(m, x, use_reentrant=False)) if around == "checkpoint"
+            else None)
+    _assert_equal(_step(rc, x, wrap), _step(plain, x, wrap))
+
+
 def test_recompute_backward_runs_once():
-    """PyTorch's selective checkpointing allows one backward per forward: a second one
-    (retain_graph=True) raises instead of recomputing from consumed entries."""
+    """PyTorch's selective checkpointing allows one backward through a region per forward: a
+    second one (after retain_graph=True) raises instead of recomputing from consumed
+    entries."""
     _, rc = _pair("anyexperts", torch.float32, "cpu")
     out, aux = rc(torch.randn(20, H, requires_grad=True))
     loss = out.square().sum()

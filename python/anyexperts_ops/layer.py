@@ -259,6 +259,13 @@ def _recompute_policy(ctx, func, *args, **kwargs):
     return _checkpoint.CheckpointPolicy.MUST_SAVE
 
 
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are on (eager; invisible under torch.compile)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return (not torch.compiler.is_compiling() and top is not None
+            and top(False) is not None)
+
+
 _recompute_contexts = functools.partial(_checkpoint.create_selective_checkpoint_contexts,
                                         _recompute_policy)
 
@@ -586,13 +593,16 @@ class AnyExpertsMoE(nn.Module):
         With ``config.recompute_activations`` (ops backend, grad enabled) each half runs as a
         selective checkpoint: the GEMM outputs are kept, x_perm [R, H] and h [R, F] are
         recomputed by a permute and a SwiGLU pass when the backward reaches their GEMM, so
-        each lives only while its own GEMM's backward runs."""
+        each lives only while its own GEMM's backward runs. Not where saved-tensor hooks are
+        on (an enclosing non-reentrant checkpoint, offloading to the CPU): the regions' cache
+        of the GEMM outputs would bypass them and hold what they drop or move."""
         c = self.config
         zero = (not torch.compiler.is_compiling() and torch.is_anomaly_enabled()
                 and torch.is_anomaly_check_nan_enabled())
         gate_up = functools.partial(self._gate_up, zero=zero)
         down = functools.partial(self._down, zero=zero)
-        if c.recompute_activations and self.backend == "ops" and torch.is_grad_enabled():
+        if (c.recompute_activations and self.backend == "ops" and torch.is_grad_enabled()
+                and not _saved_tensors_hooked()):
             region = functools.partial(_checkpoint.checkpoint, use_reentrant=False,
                                        context_fn=_recompute_contexts,
                                        preserve_rng_state=False)
@@ -670,8 +680,9 @@ class AnyExpertsMoE(nn.Module):
         else:
             bl = zero
         # a coefficient of 0 leaves its term out, so that a NaN token's NaN losses do not
-        # reach aux.loss through 0 * NaN
-        loss = c.load_balance_coef * lb if c.load_balance_coef > 0 else zero
+        # reach aux.loss through 0 * NaN; it stays a graph over the logits (zero gradients)
+        loss = (c.load_balance_coef * lb if c.load_balance_coef > 0
+                else _reference._connected(torch.zeros_like(lb), rec.logits))
         if c.z_loss_coef > 0:
             loss = loss + c.z_loss_coef * zl
         if c.budget_loss_coef > 0:
