@@ -36,7 +36,7 @@ export PYTHONPATH=$PWD/python:${PYTHONPATH:-}
 if [[ $steps == *test* ]]; then
   t0=$(date +%s)
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rfEs --timeout=120 -p no:cacheprovider \
-    ${TESTS:-tests/test_cuda_routing.py tests/test_cuda_grouped_mm.py tests/test_cuda_swiglu.py tests/test_cuda_hsm.py tests/test_cuda_add_virtual.py tests/test_double_backward.py tests/test_dead_rows.py tests/test_layer.py tests/test_layer_lifecycle.py tests/test_layer_recompute.py} >"$OUT/tests.log" 2>&1
+    ${TESTS:-tests/test_cuda_routing.py tests/test_cuda_grouped_mm.py tests/test_cuda_swiglu.py tests/test_cuda_hsm.py tests/test_cuda_add_virtual.py tests/test_double_backward.py tests/test_dead_rows.py tests/test_layer.py tests/test_layer_lifecycle.py tests/test_layer_recompute.py tests/test_layer_router_dtype.py} >"$OUT/tests.log" 2>&1
   echo "tests: rc=$? in $(( $(date +%s) - t0 )) s"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30

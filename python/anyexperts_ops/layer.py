@@ -19,6 +19,7 @@ The ``"reference"`` backend runs the very same layer on the pure-PyTorch referen
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -48,6 +49,7 @@ IMPORTANCE_KINDS = ("mlp", "wide", "deep")
 BACKENDS = ("ops", "reference")
 CONTROLLER_STEPS = ("forward", "manual")
 NORMS = ("none", "selected", "real")
+ROUTER_DTYPES = (None, "float32")
 
 
 def _to_fraction(x) -> Fraction:
@@ -91,6 +93,7 @@ class AnyExpertsConfig:
     iar_scale: float = 1.0                   # IAR: virtual logits += iar * (1 - 2w) (0 disables)
     norm: str = "selected"                   # segmented_topk weight normalisation
     align: int = 1                           # GEMM group row alignment (permute's align)
+    router_dtype: Optional[str] = None       # None: the layer's; "float32": routing kept in fp32
     recompute_activations: bool = False      # backward recomputes x_perm and the SwiGLU output
     # losses (coefficients of MoEAux.loss)
     load_balance_coef: float = 0.01
@@ -173,6 +176,7 @@ class AnyExpertsConfig:
         need(self.norm in NORMS, f"norm must be in {NORMS}")
         need(self.align >= 1, "align must be >= 1")
         need(self.backend in BACKENDS, f"backend must be in {BACKENDS}")
+        need(self.router_dtype in ROUTER_DTYPES, f"router_dtype must be in {ROUTER_DTYPES}")
         need(self.controller_step in CONTROLLER_STEPS,
              f"controller_step must be in {CONTROLLER_STEPS}")
         need(self.num_modalities >= 0 and self.importance_bins >= 1,
@@ -294,6 +298,17 @@ def _same_dtype(fn, t: Tensor) -> Tensor:
     return moved if moved.dtype == t.dtype else t.to(moved.device)
 
 
+def _keep_router_dtype(layer: "AnyExpertsMoE", incompatible_keys) -> None:
+    """load_state_dict(assign=True) takes the saved tensors' dtype: a router saved in bf16
+    comes back to config.router_dtype."""
+    if layer.config.router_dtype is None:
+        return
+    dtype = getattr(torch, layer.config.router_dtype)
+    for module in (layer.router, layer.importance):
+        if module is not None and any(p.dtype != dtype for p in module.parameters()):
+            module.to(dtype)
+
+
 def _backend_module(name: str):
     if name == "ops":
         from . import ops
@@ -329,10 +344,13 @@ class AnyExpertsMoE(nn.Module):
         # from the same config object
         self.config = c = dataclasses.replace(config)
         fk = {"device": device, "dtype": dtype}
+        # the routing modules (router, importance predictor) in config.router_dtype, if set
+        rk = fk if c.router_dtype is None else {"device": device,
+                                                "dtype": getattr(torch, c.router_dtype)}
         H, Fd, N, M = c.hidden_size, c.ffn_size, c.num_experts, c.num_virtual
-        self.importance = (ImportancePredictor(H, c.importance, c.importance_hidden).to(**fk)
+        self.importance = (ImportancePredictor(H, c.importance, c.importance_hidden).to(**rk)
                            if c.importance is not None else None)
-        self.router = Router(H, N + M, **fk)
+        self.router = Router(H, N + M, **rk)
         self.w_gate_up = nn.Parameter(torch.empty(N, 2 * Fd, H, **fk))
         self.w_down = nn.Parameter(torch.empty(N, H, Fd, **fk))
         kinds = c.virtual_kinds
@@ -351,6 +369,7 @@ class AnyExpertsMoE(nn.Module):
             setattr(self, name, value().to(device=bdev))
         self.backend = c.backend
         self.budget_group = budget_group
+        self.register_load_state_dict_post_hook(_keep_router_dtype)
         self.reset_parameters()
         if self.importance is not None and c.hsm_alpha == 0.0 and c.budget_loss_coef == 0.0 \
                 and (c.iar_scale == 0.0 or M == 0):
@@ -439,11 +458,17 @@ class AnyExpertsMoE(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
-        # the conversion and only follows the device change.
+        # the conversion and only follows the device change. So do the routing modules'
+        # parameters when config.router_dtype fixes their dtype.
         order = list(self._buffers)
         kept = {name: self._buffers.pop(name) for name in self._STATE_BUFFERS}
+        modules = list(self._modules)
+        fixed = ({name: self._modules.pop(name) for name in ("router", "importance")
+                  if name in self._modules} if self.config.router_dtype is not None else {})
         try:
             super()._apply(fn, *args, **kwargs)
+            for module in fixed.values():
+                module._apply(functools.partial(_same_dtype, fn), *args, **kwargs)
             for name, t in kept.items():
                 kept[name] = _same_dtype(fn, t)
             for name, make in self._TRANSIENT.items():
@@ -454,6 +479,10 @@ class AnyExpertsMoE(nn.Module):
             self._buffers.clear()
             self._buffers.update((name, kept[name] if name in kept else rest[name])
                                  for name in order)
+            rest = dict(self._modules)
+            self._modules.clear()
+            self._modules.update((name, fixed[name] if name in fixed else rest[name])
+                                 for name in modules)
         return self
 
     def _transient(self) -> tuple[Tensor, Tensor]:
@@ -541,13 +570,17 @@ class AnyExpertsMoE(nn.Module):
         N, M = c.num_experts, c.num_virtual
         score = w = None
         if self.importance is not None:
-            score = self.importance(x)
+            score = self._score(x)
             w = torch.sigmoid(score)
-        xh = x
+        xh = rx = x
         if w is not None and c.hsm_alpha != 0.0:
             # one pass over [T, H] each way; alpha w stays fp32 (fp64), not x's dtype
-            xh = self._B.hsm(x, c.hsm_alpha * w)
-        logits = _acc(self.router(xh))
+            xh = rx = self._B.hsm(x, c.hsm_alpha * w)
+            if c.router_dtype is not None and x.dtype != getattr(torch, c.router_dtype):
+                # the router reads x' unrounded: that of a layer in router_dtype
+                rx = self._B.hsm(self._routing_input(x), c.hsm_alpha * w)
+        with self._routing_precision(rx):
+            logits = _acc(self.router(self._routing_input(rx)))
         if M > 0 and w is not None and c.iar_scale != 0.0:
             shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)
             logits = torch.cat([logits[:, :N], logits[:, N:] + shift], dim=-1)
@@ -557,6 +590,22 @@ class AnyExpertsMoE(nn.Module):
         rec = RoutingRecord(ids=ids, weights=weights, slots=slots, max_virtual=max_virtual,
                             importance=w, logits=logits)
         return xh, rec, score
+
+    def _routing_input(self, x: Tensor) -> Tensor:
+        dtype = self.config.router_dtype
+        return x if dtype is None else x.to(getattr(torch, dtype))
+
+    def _routing_precision(self, x: Tensor):
+        """With config.router_dtype, autocast off around the routing modules, so that they
+        compute in that dtype (as Megatron's and DeepSeek's fp32 routers do)."""
+        if self.config.router_dtype is None or not _reference.autocast_enabled(x.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, enabled=False)
+
+    def _score(self, x: Tensor) -> Tensor:
+        """The importance predictor's score s (fp32) of tokens x [T, H]."""
+        with self._routing_precision(x):
+            return self.importance(self._routing_input(x))
 
     @torch.no_grad()
     def route(self, x: Tensor) -> RoutingRecord:
@@ -571,7 +620,7 @@ class AnyExpertsMoE(nn.Module):
         if x.dim() < 1 or x.shape[-1] != c.hidden_size:
             raise ValueError(f"AnyExpertsMoE: x must be [..., {c.hidden_size}], got "
                              f"{list(x.shape)}")
-        dtype = self.router.weight.dtype
+        dtype = self.w_gate_up.dtype
         if x.dtype != dtype and not (_reference.autocast_enabled(x.device.type) and
                                      {x.dtype, dtype} <= set(_reference.AUTOCAST_DTYPES)):
             raise ValueError(f"AnyExpertsMoE: x must have the layer's dtype {dtype} (under "
@@ -793,7 +842,7 @@ class AnyExpertsMoE(nn.Module):
         def counts(real_total):
             return self._reduce_counts(_counts(real_total, T))
 
-        score = self.importance(x2)
+        score = self._score(x2)
         _, rec, _ = self._route(x2)  # logits / cap rule as in forward
         logits = rec.logits
 
