@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+import torch._functorch.config
 
 from anyexperts_ops import presets
 from anyexperts_ops.layer import AnyExpertsConfig, AnyExpertsMoE
@@ -29,33 +30,47 @@ def _routing_dtypes(m):
     return {p.dtype for mod in mods for p in mod.parameters()}
 
 
-def test_routing_modules_keep_fp32_through_conversions():
-    for build in (lambda: AnyExpertsMoE(_anyexperts(router_dtype="float32"),
-                                        dtype=torch.bfloat16),
-                  lambda: AnyExpertsMoE(_anyexperts(router_dtype="float32")).to(torch.bfloat16),
-                  lambda: AnyExpertsMoE(_anyexperts(router_dtype="float32")).half(),
-                  lambda: AnyExpertsMoE(_anyexperts(router_dtype="float32")).double(),
-                  lambda: AnyExpertsMoE(_anyexperts(router_dtype="float32")).type(
-                      torch.bfloat16)):
-        m = build()
+def test_routing_modules_stay_at_fp32_or_above_through_conversions():
+    def build(convert=None, **kw):
+        m = AnyExpertsMoE(_anyexperts(router_dtype="float32"), **kw)
+        return convert(m) if convert else m
+
+    for m in (build(dtype=torch.bfloat16), build(lambda m: m.to(torch.bfloat16)),
+              build(lambda m: m.half()), build(lambda m: m.type(torch.bfloat16)),
+              build(lambda m: m.double().half())):
         assert _routing_dtypes(m) == {torch.float32}
-        assert m.w_gate_up.dtype != torch.float32 and m.const_vectors.dtype == m.w_gate_up.dtype
+        assert m.w_gate_up.dtype in (torch.bfloat16, torch.float16)
+        assert m.const_vectors.dtype == m.w_gate_up.dtype
         assert list(dict(m.named_modules())) == list(dict(
             AnyExpertsMoE(_anyexperts()).named_modules()))  # order kept
+    # fp64 layers route in fp64 (an fp64 gradcheck goes through the router)
+    for m in (build(dtype=torch.float64), build(lambda m: m.double())):
+        assert _routing_dtypes(m) == {torch.float64} and m.w_gate_up.dtype == torch.float64
     plain = AnyExpertsMoE(_anyexperts()).to(torch.bfloat16)  # without it, as before
     assert _routing_dtypes(plain) == {torch.bfloat16}
 
 
+def test_fp64_layer_gradcheck_through_the_router():
+    torch.manual_seed(0)
+    m = AnyExpertsMoE(presets.static_topk(8, 6, 4, 2, router_dtype="float32",
+                                          load_balance_coef=0.0)).double()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w = m.router.weight
+    assert torch.autograd.gradcheck(
+        lambda x, w: torch.func.functional_call(m, {"router.weight": w}, (x,))[0], (x, w))
+
+
 @DEVICES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", ["anyexperts", "static_topk"])
+@pytest.mark.parametrize("config", sorted(presets.PRESETS))
 def test_half_layer_routes_as_fp32(config, dtype, device):
     """The routing (importance, slots, logits, ids, weights) of a half-precision layer is the
     fp32 layer's on the same inputs, bit for bit: the router reads x' = x + alpha w x
     unrounded. A half-precision router picks other experts for some tokens (which is what
     the option is for)."""
     torch.manual_seed(0)
-    cfg = _anyexperts() if config == "anyexperts" else presets.static_topk(H, F, N, 4)
+    cfg = (_anyexperts() if config == "anyexperts" else
+           presets.make_config(config, H, F, N, **({"k": 4} if config == "static_topk" else {})))
     m32 = AnyExpertsMoE(cfg).to(device).eval()
     x = torch.randn(4096, H, device=device).to(dtype)
     with torch.no_grad():
@@ -148,6 +163,42 @@ def test_calibration_and_compile_with_fp32_routing():
     assert torch.equal(out, out0)
     assert torch.equal(m.router.weight.grad, twin.router.weight.grad)
     torch._dynamo.reset()
+
+
+def test_compile_under_autocast_with_eager_backward_autocast():
+    """torch.compile runs the backward under the forward's autocast by default
+    (backward_pass_autocast="same_as_forward"), which puts the fp32 routing modules' backward
+    GEMMs in bf16; with "off" (README) the compiled layer's gradients are the eager ones."""
+    torch.manual_seed(0)
+    m = AnyExpertsMoE(_anyexperts(router_dtype="float32"))
+    twin = copy.deepcopy(m)
+    x = torch.randn(256, H)
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(backward_pass_autocast="off"):
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        for layer in (compiled, twin):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, aux = layer(x)
+            (out.float().sum() + aux.loss).backward()
+    torch._dynamo.reset()
+    for (n, p), (_, q) in zip(m.named_parameters(), twin.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_routing_follows_the_routers_dtype_whatever_the_config():
+    """An fp32 router in a layer built without router_dtype (assign-loaded from a checkpoint
+    saved with it, or sharded under another precision) routes in its own dtype instead of
+    failing on mixed dtypes."""
+    torch.manual_seed(0)
+    saved = AnyExpertsMoE(_anyexperts(router_dtype="float32"), dtype=torch.bfloat16)
+    with torch.device("meta"):
+        m = AnyExpertsMoE(_anyexperts(), dtype=torch.bfloat16)
+    m.load_state_dict(saved.state_dict(), assign=True)
+    assert _routing_dtypes(m) == {torch.float32}
+    x = torch.randn(64, H, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, want = m.eval()(x)[1].routing, saved.eval()(x)[1].routing
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.ids, want.ids)
 
 
 def test_router_dtype_values():

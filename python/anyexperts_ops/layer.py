@@ -93,7 +93,7 @@ class AnyExpertsConfig:
     iar_scale: float = 1.0                   # IAR: virtual logits += iar * (1 - 2w) (0 disables)
     norm: str = "selected"                   # segmented_topk weight normalisation
     align: int = 1                           # GEMM group row alignment (permute's align)
-    router_dtype: Optional[str] = None       # None: the layer's; "float32": routing kept in fp32
+    router_dtype: Optional[str] = None       # None: the layer's; "float32": routing never below fp32
     recompute_activations: bool = False      # backward recomputes x_perm and the SwiGLU output
     # losses (coefficients of MoEAux.loss)
     load_balance_coef: float = 0.01
@@ -298,15 +298,27 @@ def _same_dtype(fn, t: Tensor) -> Tensor:
     return moved if moved.dtype == t.dtype else t.to(moved.device)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _not_below_fp32(fn, t: Tensor) -> Tensor:
+    """fn(t) (an nn.Module._apply conversion), in fp32 where fn would make it fp16/bf16:
+    config.router_dtype="float32" keeps the routing modules at fp32 or above (.double()
+    still gives an fp64 layer)."""
+    moved = fn(t)
+    if moved.dtype in _HALF and t.is_floating_point():
+        return t.to(device=moved.device, dtype=torch.float32)
+    return moved
+
+
 def _keep_router_dtype(layer: "AnyExpertsMoE", incompatible_keys) -> None:
     """load_state_dict(assign=True) takes the saved tensors' dtype: a router saved in bf16
-    comes back to config.router_dtype."""
+    comes back to fp32 under config.router_dtype."""
     if layer.config.router_dtype is None:
         return
-    dtype = getattr(torch, layer.config.router_dtype)
     for module in (layer.router, layer.importance):
-        if module is not None and any(p.dtype != dtype for p in module.parameters()):
-            module.to(dtype)
+        if module is not None and any(p.dtype in _HALF for p in module.parameters()):
+            module.float()
 
 
 def _backend_module(name: str):
@@ -344,9 +356,10 @@ class AnyExpertsMoE(nn.Module):
         # from the same config object
         self.config = c = dataclasses.replace(config)
         fk = {"device": device, "dtype": dtype}
-        # the routing modules (router, importance predictor) in config.router_dtype, if set
-        rk = fk if c.router_dtype is None else {"device": device,
-                                                "dtype": getattr(torch, c.router_dtype)}
+        # the routing modules (router, importance predictor): not below fp32 with
+        # config.router_dtype
+        rk = (fk if c.router_dtype is None or dtype not in _HALF
+              else {"device": device, "dtype": torch.float32})
         H, Fd, N, M = c.hidden_size, c.ffn_size, c.num_experts, c.num_virtual
         self.importance = (ImportancePredictor(H, c.importance, c.importance_hidden).to(**rk)
                            if c.importance is not None else None)
@@ -459,7 +472,7 @@ class AnyExpertsMoE(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
         # the conversion and only follows the device change. So do the routing modules'
-        # parameters when config.router_dtype fixes their dtype.
+        # parameters, which config.router_dtype keeps at fp32 or above.
         order = list(self._buffers)
         kept = {name: self._buffers.pop(name) for name in self._STATE_BUFFERS}
         modules = list(self._modules)
@@ -468,7 +481,7 @@ class AnyExpertsMoE(nn.Module):
         try:
             super()._apply(fn, *args, **kwargs)
             for module in fixed.values():
-                module._apply(functools.partial(_same_dtype, fn), *args, **kwargs)
+                module._apply(functools.partial(_not_below_fp32, fn), *args, **kwargs)
             for name, t in kept.items():
                 kept[name] = _same_dtype(fn, t)
             for name, make in self._TRANSIENT.items():
@@ -568,19 +581,19 @@ class AnyExpertsMoE(nn.Module):
         """(x', record, score): the routing of flattened tokens x [T, H]."""
         c = self.config
         N, M = c.num_experts, c.num_virtual
+        xr = self._routing_input(x)
         score = w = None
         if self.importance is not None:
-            score = self._score(x)
+            score = self._score(xr)
             w = torch.sigmoid(score)
-        xh = rx = x
+        xh = x
         if w is not None and c.hsm_alpha != 0.0:
             # one pass over [T, H] each way; alpha w stays fp32 (fp64), not x's dtype
-            xh = rx = self._B.hsm(x, c.hsm_alpha * w)
-            if c.router_dtype is not None and x.dtype != getattr(torch, c.router_dtype):
-                # the router reads x' unrounded: that of a layer in router_dtype
-                rx = self._B.hsm(self._routing_input(x), c.hsm_alpha * w)
-        with self._routing_precision(rx):
-            logits = _acc(self.router(self._routing_input(rx)))
+            xh = self._B.hsm(x, c.hsm_alpha * w)
+            # the router reads x' unrounded, as a layer in its dtype would
+            xr = xh if xr is x else self._B.hsm(xr, c.hsm_alpha * w)
+        with self._routing_precision(xr):
+            logits = _acc(self.router(xr))
         if M > 0 and w is not None and c.iar_scale != 0.0:
             shift = (c.iar_scale * (1.0 - 2.0 * w)).unsqueeze(-1)
             logits = torch.cat([logits[:, :N], logits[:, N:] + shift], dim=-1)
@@ -591,21 +604,31 @@ class AnyExpertsMoE(nn.Module):
                             importance=w, logits=logits)
         return xh, rec, score
 
+    def _autocast_decides(self, x: Tensor) -> bool:
+        """Whether autocast sets the routing modules' compute dtype: in an autocast region,
+        without config.router_dtype."""
+        return self.config.router_dtype is None and _reference.autocast_enabled(x.device.type)
+
     def _routing_input(self, x: Tensor) -> Tensor:
-        dtype = self.config.router_dtype
-        return x if dtype is None else x.to(getattr(torch, dtype))
+        """Tokens x as the router takes them: in its parameters' dtype (fp32 or above with
+        config.router_dtype), unless autocast decides."""
+        dtype = self.router.weight.dtype
+        return x if x.dtype == dtype or self._autocast_decides(x) else x.to(dtype)
 
     def _routing_precision(self, x: Tensor):
         """With config.router_dtype, autocast off around the routing modules, so that they
-        compute in that dtype (as Megatron's and DeepSeek's fp32 routers do)."""
+        compute in their own dtype (as Megatron's and DeepSeek's fp32 routers do)."""
         if self.config.router_dtype is None or not _reference.autocast_enabled(x.device.type):
             return contextlib.nullcontext()
         return torch.autocast(x.device.type, enabled=False)
 
-    def _score(self, x: Tensor) -> Tensor:
-        """The importance predictor's score s (fp32) of tokens x [T, H]."""
-        with self._routing_precision(x):
-            return self.importance(self._routing_input(x))
+    def _score(self, xr: Tensor) -> Tensor:
+        """The importance predictor's score s (fp32) of the routing input xr [T, H]."""
+        dtype = next(self.importance.parameters()).dtype
+        if xr.dtype != dtype and not self._autocast_decides(xr):
+            xr = xr.to(dtype)
+        with self._routing_precision(xr):
+            return self.importance(xr)
 
     @torch.no_grad()
     def route(self, x: Tensor) -> RoutingRecord:
@@ -842,7 +865,7 @@ class AnyExpertsMoE(nn.Module):
         def counts(real_total):
             return self._reduce_counts(_counts(real_total, T))
 
-        score = self._score(x2)
+        score = self._score(self._routing_input(x2))
         _, rec, _ = self._route(x2)  # logits / cap rule as in forward
         logits = rec.logits
 
