@@ -10,6 +10,8 @@ One run per shape measures, side by side (same input, same expert weights):
   * ``anyexperts_recompute`` the layer at the lowest Avg-K with ``recompute_activations``:
                             the backward recomputes x_perm and the SwiGLU output (time and
                             peak memory of that trade);
+  * ``anyexperts_router_fp32`` the same layer and weights with ``router_dtype="float32"``
+                            (router and importance predictor in fp32) at the lowest Avg-K;
   * ``static_topk``         the same layer class and kernels at static top-K (K = top_k);
   * ``weight0_virtual``     the AnyExperts routing with virtual slots sent to a real expert
                             with weight 0 instead of masked (bench/baselines.py);
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -781,6 +784,8 @@ class Suite:
                     self.layer_rows(rb, layer, x, dy, layer_call(layer))
                 finally:
                     layer.config.recompute_activations = False
+            if "router32" in wanted and target == min(plan["targets"]):
+                self.router_fp32_rows(b, layer, x, dy, layer_call)
             if "compiled" in wanted and target == min(plan["targets"]):
                 cb = dict(b, name=f"anyexperts avg-k {target:g}, torch.compile",
                           variant="anyexperts_compiled",
@@ -879,6 +884,31 @@ class Suite:
         _free(self.device)
         self._finish(rows)
         return rows
+
+    def router_fp32_rows(self, b, layer, x, dy, layer_call):
+        """The layer (same weights, a copy) with router_dtype="float32": its router and
+        importance predictor in fp32 (their weights converted up from the benchmark dtype), the
+        bias calibrated again to the same target."""
+        rb = dict(b, name=f"{b['name']}, router_dtype float32", variant="anyexperts_router_fp32",
+                  impl=f"{b['impl']}, router and importance predictor in fp32")
+        rb.pop("note", None)
+        try:
+            fp32 = copy.deepcopy(layer)
+            fp32.config.router_dtype = "float32"
+            fp32.router.float()
+            if fp32.importance is not None:
+                fp32.importance.float()
+            rb["calibrated_avg_real"] = fp32.set_budget(b["target_avg_k"], x)
+            real, virt = slot_counts(fp32.route(x).ids, layer.config.num_experts)
+            rb.update(avg_real_experts=float(real.float().mean()),
+                      avg_virtual_experts=float(virt.float().mean()))
+        except Exception as e:  # noqa: BLE001
+            for mode in ("fwd", "fwd_bwd"):
+                self.rows.append(dict(rb, mode=mode, error=f"setup failed: {_err(e)}"))
+            self.write()
+            return
+        self.layer_rows(rb, fp32, x, dy, layer_call(fp32))
+        del fp32
 
     def tight_rows(self, base, s, plan, layer, x, dy, layer_call):
         """The AnyExperts layer (same weights) with K in tight_k_range at the lowest Avg-K
@@ -1205,8 +1235,9 @@ def build_argparser() -> argparse.ArgumentParser:
                    help="torch.set_num_threads (CPU runs on busy machines: 1; --quick on a "
                         "CPU: 1 unless set)")
     p.add_argument("--variants",
-                   default="static,anyexperts,recompute,weight0,tight,compiled,gmm,eager",
-                   help="subset of static,anyexperts,recompute,weight0,tight,compiled,gmm,eager "
+                   default="static,anyexperts,recompute,router32,weight0,tight,compiled,gmm,eager",
+                   help="subset of static,anyexperts,recompute,router32,weight0,tight,compiled,"
+                        "gmm,eager "
                         "(compiled: static top-K and the lowest Avg-K under torch.compile)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled rows (CPU smoke tests: "

@@ -63,9 +63,9 @@ def test_quick_suite_schema(quick_results):
     assert os.path.exists(os.path.splitext(path)[0] + ".md")
     shapes = {s["name"]: s for s in doc["shapes"]}
     assert len(shapes) == 2
-    variants = {"static_topk", "anyexperts", "anyexperts_recompute", "anyexperts_tight_k",
-                "weight0_all", "static_topk_compiled", "anyexperts_compiled", "grouped_mm_pipeline",
-                "eager_loop"}
+    variants = {"static_topk", "anyexperts", "anyexperts_recompute", "anyexperts_router_fp32",
+                "anyexperts_tight_k", "weight0_all", "static_topk_compiled",
+                "anyexperts_compiled", "grouped_mm_pipeline", "eager_loop"}
     for name, s in shapes.items():
         rows = [r for r in doc["rows"] if r["shape"] == name]
         assert {r["variant"] for r in rows} >= variants, name
