@@ -892,23 +892,15 @@ class Suite:
         rb = dict(b, name=f"{b['name']}, router_dtype float32", variant="anyexperts_router_fp32",
                   impl=f"{b['impl']}, router and importance predictor in fp32")
         rb.pop("note", None)
-        try:
+
+        def build():
             fp32 = copy.deepcopy(layer)
             fp32.config.router_dtype = "float32"
             fp32.router.float()
             if fp32.importance is not None:
                 fp32.importance.float()
-            rb["calibrated_avg_real"] = fp32.set_budget(b["target_avg_k"], x)
-            real, virt = slot_counts(fp32.route(x).ids, layer.config.num_experts)
-            rb.update(avg_real_experts=float(real.float().mean()),
-                      avg_virtual_experts=float(virt.float().mean()))
-        except Exception as e:  # noqa: BLE001
-            for mode in ("fwd", "fwd_bwd"):
-                self.rows.append(dict(rb, mode=mode, error=f"setup failed: {_err(e)}"))
-            self.write()
-            return
-        self.layer_rows(rb, fp32, x, dy, layer_call(fp32))
-        del fp32
+            return fp32
+        self.calibrated_rows(rb, build, x, dy, layer_call)
 
     def tight_rows(self, base, s, plan, layer, x, dy, layer_call):
         """The AnyExperts layer (same weights) with K in tight_k_range at the lowest Avg-K
@@ -920,14 +912,23 @@ class Suite:
                  variant="anyexperts_tight_k", target_avg_k=target,
                  impl=f"anyexperts_ops layer, importance slots K in [{k_min}, {k_max}], "
                       f"same weights as the configured layer")
-        try:
+
+        def build():
             cfg = dataclasses.replace(layer.config, k_min=k_min, k_max=k_max,
                                       target_avg_k=target)
             tight = AnyExpertsMoE(cfg, device=x.device, dtype=x.dtype).eval()
             for name in ("w_gate_up", "w_down", "const_vectors", "router", "importance"):
                 setattr(tight, name, getattr(layer, name))   # shared, not copied
-            b["calibrated_avg_real"] = tight.set_budget(target, x)
-            real, virt = slot_counts(tight.route(x).ids, s["E"])
+            return tight
+        self.calibrated_rows(b, build, x, dy, layer_call)
+
+    def calibrated_rows(self, b, build, x, dy, layer_call):
+        """The rows of the layer build() makes, its bias calibrated to b's Avg-K target on x;
+        a setup that fails is recorded in the rows."""
+        try:
+            layer = build()
+            b["calibrated_avg_real"] = layer.set_budget(b["target_avg_k"], x)
+            real, virt = slot_counts(layer.route(x).ids, layer.config.num_experts)
             b.update(avg_real_experts=float(real.float().mean()),
                      avg_virtual_experts=float(virt.float().mean()))
         except Exception as e:  # noqa: BLE001
@@ -935,8 +936,7 @@ class Suite:
                 self.rows.append(dict(b, mode=mode, error=f"setup failed: {_err(e)}"))
             self.write()
             return
-        self.layer_rows(b, tight, x, dy, layer_call(tight))
-        del tight
+        self.layer_rows(b, layer, x, dy, layer_call(layer))
 
     def baseline_rows(self, base, variant, build, x, dy, ref_out, slow):
         names = {"grouped_mm_pipeline": "torch._grouped_mm pipeline",
