@@ -838,16 +838,20 @@ def test_cuda_autocast_matches_reference_backend():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_training_step_replays_eager(dtype):
+@pytest.mark.parametrize("options", [{}, {"recompute_activations": True,
+                                          "router_dtype": "float32"}])
+def test_cuda_graph_training_step_replays_eager(dtype, options):
     """The whole training step (forward, aux loss, backward, budget controller) captured
     once in a CUDA graph and replayed on new tokens equals the eager step on those tokens.
     The routing, and with it every group size, changes between replays: a kernel that took
     its sizes from the host at capture time would replay stale ones. bf16 runs the SM90
-    grouped GEMM on Hopper (H and F multiples of 8 for its 16-byte rows)."""
+    grouped GEMM on Hopper (H and F multiples of 8 for its 16-byte rows). The options'
+    checkpoint regions and fp32 routing must capture too."""
     torch.manual_seed(0)
     Hg, Fg, T = 64, 32, 192
     cfg = presets.anyexperts(Hg, Fg, 8, num_virtual=3, virtual_kinds=("zero", "copy", "const"),
-                             k_min=1, k_max=6, rho_max=Fraction(1, 2), target_avg_k=3.0)
+                             k_min=1, k_max=6, rho_max=Fraction(1, 2), target_avg_k=3.0,
+                             **options)
     m = AnyExpertsMoE(cfg).to("cuda", dtype).train()
     with torch.no_grad():
         m.router.weight[8:] *= 4.0
