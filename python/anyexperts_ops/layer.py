@@ -112,10 +112,16 @@ def _recompute_policy(ctx, func, *args, **kwargs):
 
 
 def _saved_tensors_hooked() -> bool:
-    """Whether saved-tensor hooks are on (eager; invisible under torch.compile)."""
+    """Whether saved-tensor hooks are on (eager; invisible under torch.compile). A private
+    query of torch.utils.checkpoint's: where a torch release lacks it or takes other
+    arguments, the answer is no."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return (not torch.compiler.is_compiling() and top is not None
-            and top(False) is not None)
+    if torch.compiler.is_compiling() or top is None:
+        return False
+    try:
+        return top(False) is not None
+    except (TypeError, RuntimeError):
+        return False
 
 
 _recompute_contexts = functools.partial(_checkpoint.create_selective_checkpoint_contexts,
