@@ -142,3 +142,46 @@ def test_manual_counts_are_not_broadcast_by_ddp(tmp_path):
     layer.step_budget()
     for r in range(WORLD):
         assert torch.equal(torch.load(tmp_path / f"ddp{r}.pt"), layer.importance_bias), r
+
+
+def _options_worker(rank, init, out_dir, state, seed):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        layer = _options_layer()
+        layer.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(layer)  # buckets per dtype
+        out, aux = ddp(_batches(seed)[0][0][rank].bfloat16())
+        (out.float().square().mean() + aux.loss).backward()
+        torch.save({n: p.grad for n, p in layer.named_parameters()}, f"{out_dir}/grad{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _options_layer():
+    return _layer(recompute_activations=True, router_dtype="float32").to(torch.bfloat16)
+
+
+def test_ddp_with_recompute_and_fp32_routing(tmp_path):
+    """DDP over a bf16 layer whose router and importance predictor stay fp32 (two dtypes,
+    two gradient buckets) and whose backward recomputes x_perm and h: every rank ends with
+    the mean of the ranks' gradients, each parameter's in its own dtype."""
+    seed = int(torch.randint(0, 2**31, ()))
+    layer = _options_layer()
+    state = copy.deepcopy(layer.state_dict())
+    mp.spawn(_options_worker, args=(f"file://{tmp_path}/store", str(tmp_path), state, seed),
+             nprocs=WORLD, join=True)
+    want = {}
+    for x in _batches(seed)[0][0]:
+        m = _options_layer()
+        m.load_state_dict(state)
+        out, aux = m(x.bfloat16())
+        (out.float().square().mean() + aux.loss).backward()
+        for n, p in m.named_parameters():
+            want[n] = want.get(n, 0) + p.grad.double() / WORLD
+    got = [torch.load(tmp_path / f"grad{r}.pt") for r in range(WORLD)]
+    for n, w in want.items():
+        assert got[0][n].dtype == dict(layer.named_parameters())[n].dtype, n
+        assert torch.equal(got[0][n], got[1][n]), n
+        err = float((got[0][n].double() - w).norm() / w.norm().clamp_min(1e-30))
+        assert err < 1e-2, (n, err)
