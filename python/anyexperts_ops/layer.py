@@ -407,7 +407,9 @@ class AnyExpertsMoE(nn.Module):
         return (f"H={c.hidden_size}, F={c.ffn_size}, N={c.num_experts}, M={c.num_virtual} "
                 f"{list(c.virtual_kinds)}, K=[{c.k_min},{c.k_max}], rho_max={c.rho_max}, "
                 f"slots={c.slot_mode}, importance={c.importance}, norm={c.norm}, "
-                f"align={c.align}, backend={self.backend}")
+                f"align={c.align}, backend={self.backend}"
+                + (f", router_dtype={c.router_dtype}" if c.router_dtype else "")
+                + (", recompute_activations" if c.recompute_activations else ""))
 
     # ---- routing -------------------------------------------------------------------------
 
