@@ -325,8 +325,8 @@ class AnyExpertsMoE(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16)/.half() must neither cast nor round the controller's state: it leaves
-        # the conversion and only follows the device change. So do the routing modules'
-        # parameters, which config.router_dtype keeps at fp32 or above.
+        # the conversion and only follows the device change. With config.router_dtype the
+        # routing modules' parameters follow every conversion but one below fp32.
         order = list(self._buffers)
         kept = {name: self._buffers.pop(name) for name in self._STATE_BUFFERS}
         modules = list(self._modules)
