@@ -1,6 +1,7 @@
 """config.recompute_activations: the backward recomputes x_perm (a permute) and the SwiGLU
-output instead of keeping them from the forward. Same numbers, less memory held between
-forward and backward, no GEMM run twice."""
+output instead of keeping them from the forward (eager: saved-tensor hooks; torch.compile:
+selective checkpoints). Same numbers, less memory held between forward and backward, no GEMM
+run twice."""
 from __future__ import annotations
 
 import collections
@@ -173,8 +174,8 @@ def test_recompute_holds_x_perm_and_h_no_longer(autocast):
 @pytest.mark.parametrize("around", ["checkpoint", "saved_tensors_hooks"])
 def test_recompute_steps_aside_under_saved_tensor_hooks(around):
     """An enclosing non-reentrant checkpoint drops everything the layer saves, and offloading
-    hooks move it; the regions' own cache of the GEMM outputs would bypass both (holding
-    R*(H+2F) elements more than without recompute), so the layer runs them plainly there."""
+    hooks move it; the recompute's own hooks would keep tensors alive past both (the inputs
+    they remake from), so the layer keeps everything there, as without the option."""
     plain, rc = _pair("anyexperts", torch.float32, "cpu")
     x = torch.randn(512, H, requires_grad=True)
 
@@ -191,16 +192,21 @@ def test_recompute_steps_aside_under_saved_tensor_hooks(around):
     _assert_equal(_step(rc, x, wrap), _step(plain, x, wrap))
 
 
-def test_recompute_backward_runs_once():
-    """PyTorch's selective checkpointing allows one backward through a region per forward: a
-    second one (after retain_graph=True) raises instead of recomputing from consumed
-    entries."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recompute_backward_twice(compiled):
+    """A retained graph backpropagates again: the dropped activations are made again each
+    time (eager), or the compiled backward recomputes them again."""
     _, rc = _pair("anyexperts", torch.float32, "cpu")
-    out, aux = rc(torch.randn(20, H, requires_grad=True))
+    torch._dynamo.reset()
+    m = torch.compile(rc, fullgraph=True, backend="aot_eager") if compiled else rc
+    out, aux = m(torch.randn(20, H, requires_grad=True))
     loss = out.square().sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward"):
-        loss.backward()
+    once = [p.grad.clone() for p in rc.parameters()]
+    loss.backward()
+    for p, g in zip(rc.parameters(), once):
+        assert torch.equal(p.grad, 2 * g)
+    torch._dynamo.reset()
 
 
 def test_recompute_off_the_training_path():

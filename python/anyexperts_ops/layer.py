@@ -97,12 +97,14 @@ def _recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-# recompute_activations: what the backward recomputes rather than keeps. permute and swiglu
-# are passes over memory, cheap beside the GEMMs whose inputs they make; under autocast the
-# GEMMs also cast their operands, and the cast of the activation rows (2-D, [R, H]) is
-# recomputed with them, while the weights' casts (3-D) are kept, as they are without
-# recompute. Everything else in a checkpointed region (the GEMM outputs, the offsets) is
-# saved, so no GEMM runs twice.
+# recompute_activations: the backward makes the grouped GEMMs' activation operands again
+# (x_perm by a permute, h by a SwiGLU pass: passes over memory, cheap beside the GEMMs)
+# instead of keeping them; everything else is kept, so no GEMM runs twice. Under autocast the
+# GEMMs cast those operands (2-D), which is made again too, while the weights' casts (3-D)
+# are kept, as without recompute. Two mechanisms state that rule: in eager mode saved-tensor
+# hooks around each GEMM (_remade: a few Python calls), under torch.compile, where such hooks
+# do not trace, a selective checkpoint per GEMM with this policy (PyTorch's dispatch-mode
+# machinery, which costs over a millisecond of Python per layer and step in eager mode).
 def _recompute_policy(ctx, func, *args, **kwargs):
     ops = torch.ops.anyexperts
     if (func is ops.permute.default or func is ops.swiglu.default
@@ -126,6 +128,33 @@ def _saved_tensors_hooked() -> bool:
 
 _recompute_contexts = functools.partial(_checkpoint.create_selective_checkpoint_contexts,
                                         _recompute_policy)
+
+
+class _Remade:
+    """What a saved activation leaves behind: how to make it again, and in which dtype."""
+    __slots__ = ("make", "dtype")
+
+    def __init__(self, make, dtype):
+        self.make, self.dtype = make, dtype
+
+
+def _remade(make):
+    """Saved-tensor hooks for one grouped_mm call: of the tensors it saves (a, b, offsets),
+    the 2-D one, its activation operand a (or a's autocast cast), is dropped and made again by
+    make() when the backward unpacks it (each time: a retained graph backpropagates again)."""
+    def pack(t):
+        return _Remade(make, t.dtype) if t.dim() == 2 else t
+
+    def unpack(saved):
+        if not isinstance(saved, _Remade):
+            return saved
+        with torch.no_grad():
+            return saved.make().to(saved.dtype)
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _kept(make):
+    return contextlib.nullcontext()
 
 
 def _shortest_fp32_decimal(value: float) -> float:
@@ -518,40 +547,49 @@ class AnyExpertsMoE(nn.Module):
         mode (eager), which checks every gradient for NaN, dead rows included, they are
         zeroed.
 
-        With ``config.recompute_activations`` (ops backend, grad enabled) each half runs as a
-        selective checkpoint: the GEMM outputs are kept, x_perm [R, H] and h [R, F] are
-        recomputed by a permute and a SwiGLU pass when the backward reaches their GEMM, so
-        each lives only while its own GEMM's backward runs. Not where saved-tensor hooks are
-        on (an enclosing non-reentrant checkpoint, offloading to the CPU): the regions' cache
-        of the GEMM outputs would bypass them and hold what they drop or move."""
+        With ``config.recompute_activations`` (ops backend, grad enabled) the backward makes
+        x_perm [R, H] and h [R, F] again when it reaches their GEMM (see _recompute_policy),
+        so each lives only while its own GEMM's backward runs. Not where saved-tensor hooks
+        are on (an enclosing non-reentrant checkpoint, offloading to the CPU): they would not
+        see the dropped tensors (and, under the selective checkpoint, the GEMM outputs it
+        caches) that they are there to drop or move."""
         c = self.config
         zero = (not torch.compiler.is_compiling() and torch.is_anomaly_enabled()
                 and torch.is_anomaly_check_nan_enabled())
-        gate_up = functools.partial(self._gate_up, zero=zero)
-        down = functools.partial(self._down, zero=zero)
-        if (c.recompute_activations and self.backend == "ops" and torch.is_grad_enabled()
-                and not _saved_tensors_hooked()):
+        recompute = (c.recompute_activations and self.backend == "ops"
+                     and torch.is_grad_enabled() and not _saved_tensors_hooked())
+        if recompute and torch.compiler.is_compiling():
             region = functools.partial(_checkpoint.checkpoint, use_reentrant=False,
                                        context_fn=_recompute_contexts,
                                        preserve_rng_state=False)
-            gu, offsets, slot_rows = region(gate_up, xh, ids, self.w_gate_up)
-            y = region(down, gu, offsets, self.w_down)
+            gu, offsets, slot_rows = region(functools.partial(self._gate_up, zero=zero),
+                                            xh, ids, self.w_gate_up)
+            y = region(functools.partial(self._down, zero=zero), gu, offsets, self.w_down)
         else:
-            gu, offsets, slot_rows = gate_up(xh, ids, self.w_gate_up)
-            y = down(gu, offsets, self.w_down)
+            remade = _remade if recompute else _kept
+            gu, offsets, slot_rows = self._gate_up(xh, ids, self.w_gate_up, zero=zero,
+                                                   remade=remade)
+            y = self._down(gu, offsets, self.w_down, zero=zero, remade=remade)
         out = self._B.unpermute(y, slot_rows, weights, zero_unreferenced=zero or c.align > 1)
         return out, offsets
 
-    def _gate_up(self, xh: Tensor, ids: Tensor, w_gate_up: Tensor, *, zero: bool):
+    def _gate_up(self, xh: Tensor, ids: Tensor, w_gate_up: Tensor, *, zero: bool,
+                 remade=_kept):
         c = self.config
-        x_perm, offsets, slot_rows = self._B.permute(xh, ids, c.num_experts, c.align,
-                                                     zero_tail=zero)
-        gu = self._B.grouped_mm(x_perm, w_gate_up.transpose(1, 2), offsets, zero_tail=zero)
+
+        def permute():
+            return self._B.permute(xh, ids, c.num_experts, c.align, zero_tail=zero)
+        x_perm, offsets, slot_rows = permute()
+        with remade(lambda: permute()[0]):
+            gu = self._B.grouped_mm(x_perm, w_gate_up.transpose(1, 2), offsets, zero_tail=zero)
         return gu, offsets, slot_rows
 
-    def _down(self, gu: Tensor, offsets: Tensor, w_down: Tensor, *, zero: bool):
-        h = self._B.swiglu(gu, offsets, zero_tail=zero)
-        return self._B.grouped_mm(h, w_down.transpose(1, 2), offsets, zero_tail=zero)
+    def _down(self, gu: Tensor, offsets: Tensor, w_down: Tensor, *, zero: bool, remade=_kept):
+        def swiglu():
+            return self._B.swiglu(gu, offsets, zero_tail=zero)
+        h = swiglu()
+        with remade(swiglu):
+            return self._B.grouped_mm(h, w_down.transpose(1, 2), offsets, zero_tail=zero)
 
     def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """out plus the virtual experts' terms (copy adds weight * x', const weight * v_j,
