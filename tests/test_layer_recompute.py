@@ -192,6 +192,42 @@ def test_recompute_steps_aside_under_saved_tensor_hooks(around):
     _assert_equal(_step(rc, x, wrap), _step(plain, x, wrap))
 
 
+def test_recompute_detects_inplace_changes():
+    """Saved-tensor hooks turn off autograd's check of saved tensors' versions; the recompute
+    checks them itself: a weight, or x' (which the recompute reads again), changed in place
+    between forward and backward raises autograd's error instead of giving wrong gradients."""
+    for change in ("weight", "input"):
+        torch.manual_seed(0)
+        # static top-K in bf16 with an fp32 router: nothing but the recompute keeps x
+        m = AnyExpertsMoE(presets.static_topk(H, F, N, 2, recompute_activations=True,
+                                              router_dtype="float32"), dtype=torch.bfloat16)
+        x = torch.randn(30, H, dtype=torch.bfloat16, requires_grad=True).clone()
+        out, _ = m(x)
+        with torch.no_grad():
+            (m.w_down if change == "weight" else x).mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.float().square().sum().backward()
+
+
+def test_recompute_keeps_h_where_gu_is_kept_for_it_alone():
+    """Only w_down trains: nothing keeps gate|up [R, 2F] but the recipe for h [R, F], so the
+    layer keeps h, as without the option, and holds the same bytes."""
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    for m in (plain, rc):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name == "w_down")
+    x = torch.randn(256, H)
+    assert _held_after_forward(rc, x) == _held_after_forward(plain, x)
+    _assert_equal(_step(rc, x.requires_grad_(True)), _step(plain, x))
+
+
+def test_recompute_under_disabled_saved_tensor_hooks():
+    plain, rc = _pair("anyexperts", torch.float32, "cpu")
+    x = torch.randn(40, H, requires_grad=True)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        _assert_equal(_step(rc, x), _step(plain, x))
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_recompute_backward_twice(compiled):
     """A retained graph backpropagates again: the dropped activations are made again each

@@ -118,8 +118,11 @@ def _saved_tensors_hooked() -> bool:
     query of torch.utils.checkpoint's: where a torch release lacks it or takes other
     arguments, the answer is no."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)
     if torch.compiler.is_compiling() or top is None:
         return False
+    if not enabled():  # disable_saved_tensors_hooks: none may be pushed
+        return True
     try:
         return top(False) is not None
     except (TypeError, RuntimeError):
@@ -131,29 +134,50 @@ _recompute_contexts = functools.partial(_checkpoint.create_selective_checkpoint_
 
 
 class _Remade:
-    """What a saved activation leaves behind: how to make it again, and in which dtype."""
-    __slots__ = ("make", "dtype")
+    """What a saved activation leaves behind: how to make it again, in which dtype, and the
+    versions of the tensors it is made from."""
+    __slots__ = ("make", "dtype", "sources")
 
-    def __init__(self, make, dtype):
-        self.make, self.dtype = make, dtype
+    def __init__(self, make, dtype, sources):
+        self.make, self.dtype, self.sources = make, dtype, sources
 
 
-def _remade(make):
+def _versioned(t: Tensor):
+    return t, t._version
+
+
+def _check_version(t: Tensor, version: int) -> Tensor:
+    # autograd checks a saved tensor's version only where no saved-tensor hooks are on: its
+    # error, for what these hooks keep and for what a dropped tensor is made from
+    if t._version != version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+            f"expected version {version} instead (anyexperts recompute_activations)")
+    return t
+
+
+def _remade(make, *sources):
     """Saved-tensor hooks for one grouped_mm call: of the tensors it saves (a, b, offsets),
     the 2-D one, its activation operand a (or a's autocast cast), is dropped and made again by
-    make() when the backward unpacks it (each time: a retained graph backpropagates again)."""
+    make() from ``sources`` when the backward unpacks it (each time: a retained graph
+    backpropagates again)."""
     def pack(t):
-        return _Remade(make, t.dtype) if t.dim() == 2 else t
+        if t.dim() == 2:
+            return _Remade(make, t.dtype, [_versioned(s) for s in sources])
+        return _versioned(t)
 
     def unpack(saved):
         if not isinstance(saved, _Remade):
-            return saved
+            return _check_version(*saved)
+        for source in saved.sources:
+            _check_version(*source)
         with torch.no_grad():
             return saved.make().to(saved.dtype)
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _kept(make):
+def _kept(make, *sources):
     return contextlib.nullcontext()
 
 
@@ -580,7 +604,7 @@ class AnyExpertsMoE(nn.Module):
         def permute():
             return self._B.permute(xh, ids, c.num_experts, c.align, zero_tail=zero)
         x_perm, offsets, slot_rows = permute()
-        with remade(lambda: permute()[0]):
+        with remade(lambda: permute()[0], xh, ids):
             gu = self._B.grouped_mm(x_perm, w_gate_up.transpose(1, 2), offsets, zero_tail=zero)
         return gu, offsets, slot_rows
 
@@ -588,7 +612,9 @@ class AnyExpertsMoE(nn.Module):
         def swiglu():
             return self._B.swiglu(gu, offsets, zero_tail=zero)
         h = swiglu()
-        with remade(swiglu):
+        if not gu.requires_grad:
+            remade = _kept  # nothing else keeps gu [R, 2F]: keeping h [R, F] costs less
+        with remade(swiglu, gu, offsets):
             return self._B.grouped_mm(h, w_down.transpose(1, 2), offsets, zero_tail=zero)
 
     def _virtual(self, out: Tensor, xh: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
