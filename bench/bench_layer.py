@@ -1137,7 +1137,11 @@ def markdown(doc: dict) -> str:
              "Times are medians in ms; `x static` is the time ratio to the same layer at "
              "static top-K (rows under torch.compile: to static top-K under torch.compile); "
              "overhead = layer time minus the two grouped GEMMs and the "
-             "activation timed alone on the same rows. Peak memory is for fwd+bwd.",
+             "activation timed alone on the same rows. Peak memory is for fwd+bwd. "
+             "`recompute_activations` rows: the same layer, its backward making x_perm and "
+             "the SwiGLU output again (fwd under no_grad is the plain layer's); "
+             "`router_dtype float32` rows: a copy with the router and importance "
+             "predictor in fp32, calibrated again.",
              ""]
     rows = doc.get("rows", [])
     for s in doc.get("shapes", []):
