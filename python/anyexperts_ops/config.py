@@ -44,6 +44,15 @@ class AnyExpertsConfig:
         clamped to [K_min, K_max].
     Virtual cap: V_i = floor(rho_max * K_i), exact: a table of floor(rho_num * K //
     rho_den) over K in [0, K_max] in Python integers, which do not overflow for any rho.
+
+    Precision and memory, neither changing the layer's function:
+      * ``router_dtype="float32"``: the router and importance predictor never drop below
+        fp32 (through dtype conversions and loads) and run with autocast off, so a bf16 or
+        fp16 layer routes bitwise as the fp32 layer does. Read at construction and
+        conversion.
+      * ``recompute_activations``: the backward makes the expert GEMMs' inputs x_perm
+        [R, H] and h [R, F] again instead of keeping them from the forward (R = T*K_max):
+        R*(H+F) elements less held per layer, a permute and a SwiGLU pass more.
     """
     hidden_size: int
     ffn_size: int
