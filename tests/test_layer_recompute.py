@@ -88,7 +88,8 @@ def test_recompute_under_autocast(device):
 @DEVICES
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_recompute_inside_activation_checkpointing(use_reentrant, device):
-    """The layer's own checkpoint regions nest inside a user's checkpoint of the layer."""
+    """Inside a user's checkpoint of the layer: a non-reentrant one has the layer keep
+    everything (its hooks are on), a reentrant one re-runs the layer with its own hooks."""
     plain, rc = _pair("anyexperts", torch.float64, device)
     x = torch.randn(64, H, dtype=torch.float64, device=device, requires_grad=True)
 

@@ -51,7 +51,8 @@ class AnyExpertsConfig:
         fp16 layer routes bitwise as the fp32 layer does. Read at construction and
         conversion.
       * ``recompute_activations``: the backward makes the expert GEMMs' inputs x_perm
-        [R, H] and h [R, F] again instead of keeping them from the forward (R = T*K_max):
+        [R, H] and h [R, F] again instead of keeping them from the forward (R = T*K_max +
+        N*(align-1)):
         R*(H+F) elements less held per layer, a permute and a SwiGLU pass more.
     """
     hidden_size: int

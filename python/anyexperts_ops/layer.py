@@ -575,8 +575,8 @@ class AnyExpertsMoE(nn.Module):
         x_perm [R, H] and h [R, F] again when it reaches their GEMM (see _recompute_policy),
         so each lives only while its own GEMM's backward runs. Not where saved-tensor hooks
         are on (an enclosing non-reentrant checkpoint, offloading to the CPU): they would not
-        see the dropped tensors (and, under the selective checkpoint, the GEMM outputs it
-        caches) that they are there to drop or move."""
+        see what the layer's own hooks keep (the weights, the offsets, and the x' and
+        [gate | up] a recompute reads), which they are there to drop or move."""
         c = self.config
         zero = (not torch.compiler.is_compiling() and torch.is_anomaly_enabled()
                 and torch.is_anomaly_check_nan_enabled())
