@@ -785,8 +785,7 @@ class AnyExpertsMoE(nn.Module):
         def counts(real_total):
             return self._reduce_counts(_counts(real_total, T))
 
-        score = self._score(self._routing_input(x2))
-        _, rec, _ = self._route(x2)  # logits / cap rule as in forward
+        _, rec, score = self._route(x2)  # score, logits and cap rule as in forward
         logits = rec.logits
 
         # A token with a non-finite hidden state, score or logit (a finite x can overflow)
