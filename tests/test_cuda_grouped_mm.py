@@ -172,6 +172,48 @@ def test_group_patterns(backend, dtype):
             assert (out == 0).all(), name
 
 
+def offsets_going_back(G: int, R: int, past_end: bool) -> torch.Tensor:
+    """End offsets that fall back below earlier ends and jump past later ones, so that a
+    group's end (the running max of the offsets) differs from its own offset across the
+    16-offset slices the prepare kernels' threads scan (grouped_mm_prepare.cuh): monotone
+    offsets would give every end from a thread's own slice, right even with the scan's
+    carry between threads broken. Without `past_end` every offset stays below R * 7/8, so
+    rows past the last group remain."""
+    off = random_offsets(G, R, empty=0.1).long()
+    dips = torch.rand(G) < 0.15
+    off[dips] = torch.randint(-R, R // 2, (int(dips.sum()),))
+    spikes = torch.rand(G) < 0.03
+    top = R + R // 4 if past_end else R * 7 // 8
+    off[spikes] = torch.randint(R // 2, top, (int(spikes.sum()),))
+    off[torch.randperm(G)[0]] = -2**31
+    if past_end:
+        off[torch.randperm(G)[0]] = 2**31 - 1
+    off[min(15, G - 1)] = R * 3 // 4   # end of thread 0's slice: groups after it empty for a while
+    return off.to(torch.int32).to(DEV)
+
+
+# G = 33 and 300 stay within the scan's first warp, 1000 and 4096 cross warps; 4097 takes
+# the path without the scan.
+@pytest.mark.parametrize("G", [33, 300, 1000, 4096, 4097])
+def test_offsets_going_back_across_threads(backend, G):
+    R, K, N = 8192, 16, 32
+    a, b = make(R, K, N, G, torch.bfloat16)
+    dout = torch.randn(R, N, device=DEV).to(torch.bfloat16)
+    for trial in range(3):
+        offsets = offsets_going_back(G, R, past_end=trial == 0)
+        spans = ref.group_spans(offsets, R)
+        assert sum(e > s for s, e in spans) < G, "some groups must be empty"
+        assert trial == 0 or tail_of(offsets, R) < R, "rows past the last group must remain"
+        poison_cuda((R, N), (G, K, N), dtype=torch.bfloat16)
+        out = ops.grouped_mm(a, b, offsets)
+        check(out, ref64(a, b, offsets), torch.bfloat16, f"grouped_mm G={G} trial {trial}")
+        assert (out[tail_of(offsets, R):] == 0).all(), "rows past the last group's end are zero"
+        db = ops.grouped_mm_wgrad(a, dout, offsets)
+        check(db, ref64_wgrad(a, dout, offsets), torch.bfloat16, f"wgrad G={G} trial {trial}")
+        empty = torch.tensor([e == s for s, e in spans], device=DEV)
+        assert (db[empty] == 0).all(), "empty groups' db is exactly zero"
+
+
 def test_single_group(backend):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         a, b = make(777, 128, 192, 1, dtype)

@@ -13,8 +13,8 @@
 //   Fallback: a tiled SIMT kernel, fp32 accumulation (fp64 for fp64), any float dtype and
 //             any strides, for every other case (older GPUs, fp32/fp64, odd sizes).
 // ANYEXPERTS_GROUPED_MM_BACKEND caps the choice (testing, see below). No path synchronises
-// with the host: group spans are computed on the device from `offsets` by
-// anyexperts::group_span (rules.h), so all are CUDA-graph capturable.
+// with the host: group spans are computed on the device from `offsets` by the group end
+// rule of rules.h, so all are CUDA-graph capturable.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -124,18 +124,19 @@ struct ArgBuffers {
     ldd[g] = p.n;
   }
 
-  // GEMM view: M = K (hidden), N = N, K = rows of g; empty groups get (0,0,0).
-  __device__ void set_wgrad(int64_t g, RowSpan span, const WgradProblem& p) const {
+  // GEMM view: M = K (hidden), N = N, K = rows of g; empty groups get (0,0,0). Problem
+  // `slot` computes group g.
+  __device__ void set_wgrad(int64_t slot, int64_t g, RowSpan span, const WgradProblem& p) const {
     const int64_t m = span.end - span.begin;
-    problem_sizes[g] = m > 0 ? cutlass::gemm::GemmCoord(static_cast<int>(p.k),
-                                                        static_cast<int>(p.n), static_cast<int>(m))
-                             : cutlass::gemm::GemmCoord(0, 0, 0);
-    ptr_a[g] = operand<typename Gemm::ElementA>(p.a, span.begin * p.lda);
-    ptr_b[g] = operand<typename Gemm::ElementB>(p.dout, span.begin * p.ldd);
-    ptr_d[g] = static_cast<typename Gemm::ElementD*>(p.db) + g * p.k * p.n;
-    lda[g] = p.lda;
-    ldb[g] = p.ldd;
-    ldd[g] = p.n;
+    problem_sizes[slot] = m > 0 ? cutlass::gemm::GemmCoord(static_cast<int>(p.k),
+                                                           static_cast<int>(p.n), static_cast<int>(m))
+                                : cutlass::gemm::GemmCoord(0, 0, 0);
+    ptr_a[slot] = operand<typename Gemm::ElementA>(p.a, span.begin * p.lda);
+    ptr_b[slot] = operand<typename Gemm::ElementB>(p.dout, span.begin * p.ldd);
+    ptr_d[slot] = static_cast<typename Gemm::ElementD*>(p.db) + g * p.k * p.n;
+    lda[slot] = p.lda;
+    ldb[slot] = p.ldd;
+    ldd[slot] = p.n;
   }
 };
 

@@ -182,18 +182,18 @@ struct ArgBuffers {
   }
 
   // GEMM view: M = K (hidden), N = N, K = rows of g. A = a_g^T is M-major (ColumnMajor),
-  // B = dout_g is N-major (RowMajor), D = db[g] RowMajor.
-  __device__ void set_wgrad(int64_t g, RowSpan span, const WgradProblem& p) const {
+  // B = dout_g is N-major (RowMajor), D = db[g] RowMajor; problem `slot` computes group g.
+  __device__ void set_wgrad(int64_t slot, int64_t g, RowSpan span, const WgradProblem& p) const {
     const int64_t m = span.end - span.begin;
-    problem_sizes[g] = m > 0 ? UnderlyingProblemShape(static_cast<int>(p.k), static_cast<int>(p.n),
-                                                      static_cast<int>(m))
-                             : UnderlyingProblemShape(0, 0, 0);
-    ptr_a[g] = static_cast<const typename Gemm::ElementA*>(p.a) + span.begin * p.lda;
-    ptr_b[g] = static_cast<const typename Gemm::ElementB*>(p.dout) + span.begin * p.ldd;
-    ptr_d[g] = static_cast<typename Gemm::ElementD*>(p.db) + g * p.k * p.n;
-    stride_a[g] = make_ld_stride<typename Gemm::StrideA>(p.lda);
-    stride_b[g] = make_ld_stride<typename Gemm::StrideB>(p.ldd);
-    stride_d[g] = make_ld_stride<typename Gemm::StrideD>(p.n);
+    problem_sizes[slot] = m > 0 ? UnderlyingProblemShape(static_cast<int>(p.k), static_cast<int>(p.n),
+                                                         static_cast<int>(m))
+                                : UnderlyingProblemShape(0, 0, 0);
+    ptr_a[slot] = static_cast<const typename Gemm::ElementA*>(p.a) + span.begin * p.lda;
+    ptr_b[slot] = static_cast<const typename Gemm::ElementB*>(p.dout) + span.begin * p.ldd;
+    ptr_d[slot] = static_cast<typename Gemm::ElementD*>(p.db) + g * p.k * p.n;
+    stride_a[slot] = make_ld_stride<typename Gemm::StrideA>(p.lda);
+    stride_b[slot] = make_ld_stride<typename Gemm::StrideB>(p.ldd);
+    stride_d[slot] = make_ld_stride<typename Gemm::StrideD>(p.n);
   }
 };
 

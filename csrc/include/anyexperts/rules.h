@@ -120,8 +120,9 @@ AE_HOST_DEVICE int64_t permuted_rows(int64_t tokens, int64_t k, int64_t num_real
 // Offsets come from the device: group g spans [end(g-1), end(g)) with
 // end(g) = clamp(max(offsets[0..g]), 0, rows), so groups never overlap or leave [0, rows).
 // end(g) is a running max from 0 (running_end, one step of it) clamped to rows (clamp_end):
-// a loop over the groups in order carries the running max (O(1) a group); group_end
-// serves a thread that sees one group only.
+// a loop over the groups in order carries the running max (O(1) a group), a block-wide scan
+// of running_end gives every end at once (grouped_mm_prepare.cuh); group_end serves a
+// thread that sees one group only.
 AE_HOST_DEVICE int32_t running_end(int32_t end, int32_t offset) {
   return offset > end ? offset : end;
 }
