@@ -144,3 +144,21 @@ def test_sweep_quick_on_sm90(tmp_path):
     assert not bad, bad
     assert all(r["speedup_vs_torch_grouped_mm"] > 0 for r in ours)
     assert doc["summary"]["best_per_shape"] and doc["summary"]["ranking_all_cases"]
+
+
+def test_wgrad_order_model_runs():
+    """bench/wgrad_order_model.py: one table row per shape, load, seed and epilogue cost;
+    no order's busiest cluster is below the mean."""
+    script = os.path.join(ROOT, "bench", "wgrad_order_model.py")
+    p = subprocess.run([sys.executable, script], cwd=ROOT, env=bench_subprocess_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    spec = importlib.util.spec_from_file_location("wgrad_order_model_under_test", script)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    rows = model.rows()
+    bench = _load_bench()
+    assert len(rows) == len(bench.SHAPES) * len(bench.LOADS) * len(model.SEEDS) * len(
+        model.EPILOGUE_K_STEPS)
+    assert len(p.stdout.splitlines()) == len(rows) + 3
+    assert all(min(r["index_order"], r["largest_first"]) >= r["ideal"] > 0 for r in rows)
