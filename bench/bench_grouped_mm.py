@@ -15,6 +15,9 @@ The GEMMs are those of one FFN projection with nn.Linear weights W[E,F,H]:
   forward  out[R,F]  = x[R,H]  @ W[e]^T   b = W.transpose(1,2), a column-major B
   dgrad    dx[R,H]   = dy[R,F] @ W[e]     b = W, a row-major B
   wgrad    dW^T[E,H,F] = x_e^T @ dy_e     (variable-K grouped GEMM)
+The wgrad rows also time our kernel with its problems in index order
+(ANYEXPERTS_GROUPED_MM_WGRAD_ORDER=index) beside the default, largest group first:
+index_order_ms and largest_first_gain on our row.
 TFLOP/s = 2 * R * K * N / time; each time is the median of CUDA-event timings after
 warm-up, the implementations of a case timed in turns (timing.interleaved_ms). Rows carry
 speedup_vs_torch_grouped_mm (torch time / this time) and, for ours, fraction_of_dense (our
@@ -94,6 +97,7 @@ ENV_RASTER = "ANYEXPERTS_GROUPED_MM_RASTER"
 ENV_SWIZZLE = "ANYEXPERTS_GROUPED_MM_SWIZZLE"
 ENV_LIVE = "ANYEXPERTS_GROUPED_MM_TUNING_LIVE"
 ENV_BACKEND = "ANYEXPERTS_GROUPED_MM_BACKEND"   # e.g. sm80: the Ampere kernels on an H100
+ENV_WGRAD_ORDER = "ANYEXPERTS_GROUPED_MM_WGRAD_ORDER"
 TORCH_LABEL = "torch._grouped_mm"   # the sweep's baseline row
 MISMATCH_TOL = 2e-2   # rel. difference to torch._grouped_mm beyond which a row is an error
 
@@ -196,6 +200,14 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
                 out_w[g].zero_()
 
     grouped = grouped_calls(x, dy, W, offsets, dt)
+
+    def in_order(order, fn):
+        """fn with the wgrad problems in `order` (read per call: main sets ENV_LIVE)."""
+        def call():
+            os.environ[ENV_WGRAD_ORDER] = order
+            return fn()
+        return call
+
     cases = {
         # op: (K, N, {impl: fn}); M = R for all of them
         "forward": (H, F, {
@@ -211,17 +223,19 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
             "dense_cublas": lambda: torch.mm(dy, w0),
         }),
         "wgrad": (H, F, {
-            "anyexperts": grouped["wgrad"][0],
+            "anyexperts": in_order("largest_first", grouped["wgrad"][0]),
             "torch_grouped_mm": grouped["wgrad"][1],
             "cublas_loop": loop_wgrad,
             "dense_cublas": lambda: torch.mm(x.t(), dy),
+            # The order the kernel took before largest first, timed in the same turns.
+            "anyexperts_index_order": in_order("index", grouped["wgrad"][0]),
         }),
     }
     rows = []
     for op, (K, N, impls) in cases.items():
         flops = 2.0 * R * K * N
         notes = {impl: "torch._grouped_mm not available" for impl in IMPLS if impls.get(impl) is None}
-        times, errors = interleaved_ms({impl: impls[impl] for impl in IMPLS if impls.get(impl)},
+        times, errors = interleaved_ms({impl: fn for impl, fn in impls.items() if fn},
                                        args.warmup, args.rounds, args.iters)
         notes.update(errors)
         check = None
@@ -245,6 +259,9 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
                     row["fraction_of_dense"] = (row["tflops"] / dense_tflops
                                                 if dense_tflops else None)
                     row["rel_diff_vs_torch_grouped_mm"] = check
+                    if "anyexperts_index_order" in times:
+                        row["index_order_ms"] = times["anyexperts_index_order"]
+                        row["largest_first_gain"] = times["anyexperts_index_order"] / ms
             else:
                 row.update(ms=None, tflops=None, speedup_vs_torch_grouped_mm=None,
                            error=notes.get(impl))
@@ -254,7 +271,10 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
             f"{impl}={flops / times[impl] / 1e9:7.1f}" if impl in times else f"{impl}=  n/a  "
             for impl in IMPLS) + " TFLOP/s" +
             (f"  speedup={torch_ms / ours:.2f}x" if ours and torch_ms else "") +
-            (f"  rel_diff={check:.1e}" if check is not None else ""), flush=True)
+            (f"  rel_diff={check:.1e}" if check is not None else "") +
+            (f"  largest_first/index_order={times['anyexperts_index_order'] / ours:.3f}x"
+             if ours and "anyexperts_index_order" in times else ""), flush=True)
+    os.environ.pop(ENV_WGRAD_ORDER, None)
     del x, dy, W, Wt, out_f, out_d, out_w
     torch.cuda.empty_cache()
     return rows
@@ -583,6 +603,12 @@ def markdown(meta, rows) -> str:
             f"{fmt(ours)} | {fmt(impls.get('torch_grouped_mm'))} | "
             f"{fmt(impls.get('cublas_loop'))} | {fmt(impls.get('dense_cublas'))} | "
             f"{f'{sp:.2f}x' if sp else 'n/a'} | {f'{100 * fd:.0f}%' if fd else 'n/a'} |")
+    gains = [r for r in rows if r.get("largest_first_gain")]
+    if gains:
+        lines += ["", "wgrad problem order, timed in the same turns: index order time / largest"
+                  " first time (largest first is the default): " + ", ".join(
+                      f"{r['shape']} {r['load']} {r['largest_first_gain']:.3f}x" for r in gains)
+                  + "."]
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {r['name']}: {r['error']}" for r in errors]
@@ -659,6 +685,9 @@ def main() -> int:
     }
     if args.sweep:
         return run_sweep(args, shapes, gen, meta)
+    # The wgrad rows time both problem orders in turns, switching ENV_WGRAD_ORDER per call:
+    # the dispatcher re-reads it only with ENV_LIVE set before its first call.
+    os.environ[ENV_LIVE] = "1"
     rows = []
     for shape in shapes:
         for load in LOADS:

@@ -588,6 +588,32 @@ def test_wgrad_fallback_odd_sizes_and_fp64():
         check(db, ref64_wgrad(a, dout, offsets), dtype, f"wgrad fallback {dtype}")
 
 
+@pytest.mark.parametrize("G", [64, 1025])
+def test_wgrad_problem_order_changes_no_bit(backend, monkeypatch, G):
+    """Largest group first (the default) and index order (ANYEXPERTS_GROUPED_MM_WGRAD_ORDER=
+    index) hand the same problems to the GEMM in another order: the same bits. G = 1025 is
+    past the ranked groups (index order either way)."""
+    R, K, N = 6000, 64, 128
+    a = torch.randn(R, K, device=DEV).to(torch.bfloat16)
+    dout = torch.randn(R, N, device=DEV).to(torch.bfloat16)
+    sizes = torch.randint(0, 3 * R // G, (G,))
+    sizes[torch.randperm(G)[: G // 4]] = 0
+    sizes[torch.randperm(G)[:3]] = R // 8   # ties among the largest
+    offsets = sizes.cumsum(0).clamp(max=R).to(torch.int32).to(DEV)
+    results = {}
+    for order in ("index", "largest_first", "auto"):
+        monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_WGRAD_ORDER", order)
+        poison_cuda((G, K, N), dtype=torch.bfloat16)
+        results[order] = ops.grouped_mm_wgrad(a, dout, offsets)
+    assert torch.equal(results["index"], results["largest_first"])
+    assert torch.equal(results["auto"], results["largest_first"])
+    check(results["auto"], ref64_wgrad(a, dout, offsets), torch.bfloat16, f"wgrad order G={G}")
+    if torch.cuda.get_device_capability()[0] >= 8:   # a tensor-core path reads the variable
+        monkeypatch.setenv("ANYEXPERTS_GROUPED_MM_WGRAD_ORDER", "smallest_first")
+        with pytest.raises(RuntimeError, match="ANYEXPERTS_GROUPED_MM_WGRAD_ORDER"):
+            ops.grouped_mm_wgrad(a, dout, offsets)
+
+
 def test_wgrad_strided_inputs(backend):
     R, K, N, G = 300, 64, 96, 4
     offsets = offsets_on_device(G, R)

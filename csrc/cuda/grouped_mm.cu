@@ -304,6 +304,27 @@ Backend backend() {
 
 #if defined(ANYEXPERTS_SM80) || defined(ANYEXPERTS_SM90)
 
+// ANYEXPERTS_GROUPED_MM_WGRAD_ORDER  auto (default) = largest_first | index: the order in
+//                                    which both tensor-core paths hand grouped_mm_wgrad's
+//                                    problems to the GEMM (wgrad_slot in
+//                                    grouped_mm_prepare.cuh). For timing the two side by side
+//                                    (bench/bench_grouped_mm.py). Read as the backend is.
+bool read_wgrad_largest_first() {
+  const char* v = env_value("ANYEXPERTS_GROUPED_MM_WGRAD_ORDER");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || std::strcmp(v, "largest_first") == 0) {
+    return true;
+  }
+  TORCH_CHECK(std::strcmp(v, "index") == 0, "grouped_mm_wgrad: unknown ANYEXPERTS_GROUPED_MM_WGRAD_ORDER='",
+              v, "'; expected one of: auto, largest_first, index");
+  return false;
+}
+
+bool wgrad_largest_first() {
+  if (tuning_live()) return read_wgrad_largest_first();
+  static const bool once = read_wgrad_largest_first();
+  return once;
+}
+
 // Per-device facts, read once: compute capability, SM count and L2 size.
 struct DeviceInfo {
   int major = 0;
@@ -429,6 +450,7 @@ grouped::WgradProblem wgrad_problem(const at::Tensor& a_in, const at::Tensor& do
   p.rows = R;
   p.k = K;
   p.n = N;
+  p.largest_first = wgrad_largest_first();
   return p;
 }
 

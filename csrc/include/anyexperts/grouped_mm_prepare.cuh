@@ -103,16 +103,17 @@ __device__ inline BlockSpans block_spans(const int32_t* offsets, int64_t groups,
 // others idle at the end. Largest first, the longest-processing-time order, shortens that
 // tail (bench/wgrad_order_model.py). Returns group g's problem slot: its rank by rows
 // descending, ties to the lower index, so the slots are a permutation of [0, G). The rank
-// is O(G) per thread: past kMaxRankedGroups groups (and without cached ends), index order.
+// is O(G) per thread: past kMaxRankedGroups groups (and without cached ends), index order;
+// also when the problem asks for it (ANYEXPERTS_GROUPED_MM_WGRAD_ORDER=index, for timing).
 constexpr int64_t kMaxRankedGroups = 1024;
 
-__device__ inline int64_t wgrad_slot(const BlockSpans& spans, int64_t g, int64_t groups) {
-  if (spans.ends == nullptr || groups > kMaxRankedGroups) return g;
+__device__ inline int64_t wgrad_slot(const BlockSpans& spans, int64_t g, const WgradProblem& p) {
+  if (!p.largest_first || spans.ends == nullptr || p.groups > kMaxRankedGroups) return g;
   const RowSpan mine = spans(g);
   const int64_t rows = mine.end - mine.begin;
   int64_t slot = 0;
   int64_t begin = 0;
-  for (int64_t h = 0; h < groups; ++h) {
+  for (int64_t h = 0; h < p.groups; ++h) {
     const int64_t other = spans.ends[h] - begin;
     begin = spans.ends[h];
     slot += other > rows || (other == rows && h < g);
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kPrepareThreads)
 
   if (blockIdx.y == 0) {
     const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (g < p.groups) args.set_wgrad(wgrad_slot(spans, g, p.groups), g, spans(g), p);
+    if (g < p.groups) args.set_wgrad(wgrad_slot(spans, g, p), g, spans(g), p);
   }
 
   const int64_t vec_per_group = p.k * p.n / 8;  // N % 8 == 0

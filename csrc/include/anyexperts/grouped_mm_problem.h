@@ -44,6 +44,7 @@ struct WgradProblem {
   int64_t rows;
   int64_t k;              // multiple of 8
   int64_t n;              // multiple of 8
+  bool largest_first;     // problems by group rows descending (wgrad_slot), else in index order
 };
 
 }  // namespace anyexperts::grouped
