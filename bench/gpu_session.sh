@@ -60,6 +60,7 @@ if [[ $steps == *bench* ]]; then
         echo "bench $b: rc=$? in $(( $(date +%s) - t0 )) s"; cat "$OUT/$b.md" 2>/dev/null
         continue ;;
       layer) script=bench/bench_layer.py; extra=; limit=420 ;;  # + inductor compiles
+      grouped_mm) script=bench/bench_grouped_mm.py; extra=; limit=360 ;;  # + serving shapes
       *) script=bench/bench_$b.py; extra=; limit=240 ;;
     esac
     timeout ${BENCH_TIMEOUT:-$limit} python3 "$script" $extra --out "$OUT/$b.json" \

@@ -253,3 +253,14 @@ def test_predictor_without_gradient_warns():
                            budget_loss_coef=0.1)
         presets.make_layer("anyexperts", H, FFN, 8, k_min=1, k_max=4)
         presets.make_layer("static_topk", H, FFN, 8, k=2)
+
+
+def test_budget_loss_without_target_warns_and_is_zero_until_set():
+    with pytest.warns(UserWarning, match="without target_avg_k"):
+        m = presets.make_layer("anyexperts", H, FFN, 8, k_min=1, k_max=4, target_avg_k=None,
+                               budget_loss_coef=0.1)
+    m.train()
+    x = torch.randn(32, H)
+    assert float(m(x)[1].budget_loss.detach()) == 0.0
+    m.set_budget(3.5)
+    assert float(m(x)[1].budget_loss.detach()) > 0.0

@@ -297,6 +297,9 @@ class AnyExpertsMoE(nn.Module):
                           "IAR shift, no budget loss), so it never trains, and DDP (with "
                           "find_unused_parameters=False) fails on it; freeze it "
                           "(layer.importance.requires_grad_(False)) if that is meant")
+        if c.budget_loss_coef > 0 and c.target_avg_k is None:
+            warnings.warn("AnyExpertsMoE: budget_loss_coef > 0 without target_avg_k: the budget "
+                          "loss is 0 until set_budget or a state_dict load sets a target")
 
     # ---- setup ---------------------------------------------------------------------------
 
