@@ -9,10 +9,11 @@ cluster's sum) over the balanced load's, beside the ideal (the mean). Index orde
 kernel did before grouped_mm_prepare.cuh's wgrad_slot; largest first is what it does now. The
 epilogue's cost in k-steps is not known without a GPU, so the table gives a range.
 
-    python3 bench/wgrad_order_model.py
+    python3 bench/wgrad_order_model.py [--clusters 60]
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
@@ -22,21 +23,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_grouped_mm import LOADS, SHAPES, group_sizes  # noqa: E402
 
-CLUSTERS = 66          # H100 SXM: 132 SMs, clusters of 2
+# The kernel's grid is cudaOccupancyMaxActiveClusters clusters: 66 when every one of an H100
+# SXM's 132 SMs pairs up; fewer where the GPCs' SM counts leave some unpaired (--clusters).
+CLUSTERS = 66
 TILE_M, TILE_N, CLUSTER_M, K_STEP = 128, 256, 2, 64
 EPILOGUE_K_STEPS = (2, 8)
 SEEDS = (0, 1, 2)
 
 
-def makespan(sizes: list[int], units_per_group: int, order: list[int], epilogue: float) -> float:
-    load = [0.0] * CLUSTERS
+def makespan(sizes: list[int], units_per_group: int, order: list[int], epilogue: float,
+             clusters: int = CLUSTERS) -> float:
+    load = [0.0] * clusters
     unit = 0
     for g in order:
         if sizes[g] == 0:
             continue
         cost = -(-sizes[g] // K_STEP) + epilogue
         for _ in range(units_per_group):
-            load[unit % CLUSTERS] += cost
+            load[unit % clusters] += cost
             unit += 1
     return max(load)
 
@@ -45,7 +49,7 @@ def largest_first(sizes: list[int]) -> list[int]:
     return sorted(range(len(sizes)), key=lambda g: (-sizes[g], g))
 
 
-def rows() -> list[dict]:
+def rows(clusters: int = CLUSTERS) -> list[dict]:
     """Per seed, the loads drawn as bench_grouped_mm.py --seed draws them (one generator,
     shapes and loads in its order): seed 0 gives the loads of its default run. Makespans and
     the ideal in k-steps."""
@@ -58,15 +62,21 @@ def rows() -> list[dict]:
             for epi in EPILOGUE_K_STEPS:
                 out.append({
                     "shape": name, "load": load, "seed": seed, "epilogue_k_steps": epi,
-                    "ideal": sum(units * (-(-s // K_STEP) + epi) for s in sizes if s) / CLUSTERS,
-                    "index_order": makespan(sizes, units, list(range(E)), epi),
-                    "largest_first": makespan(sizes, units, largest_first(sizes), epi),
+                    "ideal": sum(units * (-(-s // K_STEP) + epi) for s in sizes if s) / clusters,
+                    "index_order": makespan(sizes, units, list(range(E)), epi, clusters),
+                    "largest_first": makespan(sizes, units, largest_first(sizes), epi, clusters),
                 })
     return out
 
 
 def main() -> None:
-    table = rows()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clusters", type=int, default=CLUSTERS,
+                   help="clusters resident at once (the persistent grid)")
+    args = p.parse_args()
+    if args.clusters < 1:
+        p.error("--clusters must be at least 1")
+    table = rows(args.clusters)
     base = {(r["shape"], r["seed"], r["epilogue_k_steps"]): r["index_order"]
             for r in table if r["load"] == "balanced"}
     names = [shape[0] for shape in SHAPES]

@@ -133,16 +133,19 @@ def test_markdown_reports_the_wgrad_order_gain():
     # The main run's table on made-up rows: the wgrad rows' order comparison is printed.
     bench = _load_bench()
     rows = []
-    for op, gain in (("forward", None), ("wgrad", 1.25)):
+    for load, gain in (("zipf", 1.25), ("balanced", None)):
         for impl in bench.IMPLS:
-            row = dict(name=f"s/zipf/{op}/{impl}", shape="s", load="zipf", op=op, impl=impl,
-                       M=64, K=32, N=16, ms=1.0, tflops=1.0, speedup_vs_torch_grouped_mm=1.0)
-            if impl == "anyexperts" and gain:
-                row.update(index_order_ms=gain, largest_first_gain=gain)
+            row = dict(name=f"s/{load}/wgrad/{impl}", shape="s", load=load, op="wgrad",
+                       impl=impl, M=64, K=32, N=16, ms=1.0, tflops=1.0,
+                       speedup_vs_torch_grouped_mm=1.0)
+            if impl == "anyexperts":
+                row.update(dict(index_order_ms=gain, largest_first_gain=gain) if gain else
+                           dict(index_order_error="RuntimeError: order"))
             rows.append(row)
     md = bench.markdown(dict(gpu="GPU", torch="t", cuda="c", date="d", rounds=2, iters=3), rows)
-    assert md.count("| s | zipf |") == 2
+    assert md.count("| s | zipf |") == 1 and md.count("| s | balanced |") == 1
     assert "index order time / largest first time" in md and "s zipf 1.250x" in md
+    assert "s/balanced/wgrad/anyexperts (index order): RuntimeError: order" in md
 
 
 @pytest.mark.skipif(not _sm90(), reason="the sweep runs on SM90 GPUs only")
