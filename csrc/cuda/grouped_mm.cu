@@ -314,8 +314,9 @@ bool read_wgrad_largest_first() {
   if (v == nullptr || std::strcmp(v, "auto") == 0 || std::strcmp(v, "largest_first") == 0) {
     return true;
   }
-  TORCH_CHECK(std::strcmp(v, "index") == 0, "grouped_mm_wgrad: unknown ANYEXPERTS_GROUPED_MM_WGRAD_ORDER='",
-              v, "'; expected one of: auto, largest_first, index");
+  TORCH_CHECK(std::strcmp(v, "index") == 0,
+              "grouped_mm_wgrad: unknown ANYEXPERTS_GROUPED_MM_WGRAD_ORDER='", v,
+              "'; expected one of: auto, largest_first, index");
   return false;
 }
 

@@ -1,10 +1,11 @@
 // The per-group argument arrays of every device-scheduled grouped GEMM (SM90 and SM80
 // paths alike): their place in the workspace (ArrayCarver), and the kernels that fill them
 // first: each block turns `offsets` into every group's row span (BlockSpans; past 4096
-// groups each thread walks group_span instead), one thread per group hands its span to the kernel's argument arrays, and the blocks zero what the
-// GEMM never writes: the rows past the last group (forward, with zero_tail), db[g] of empty
-// groups (wgrad; their problem is (0,0,0), since a GEMM with K = 0 may store garbage
-// accumulators). Nothing is read back on the host.
+// groups each thread walks group_span instead), one thread per group hands its span to the
+// kernel's argument arrays, and the blocks zero what the GEMM never writes: the rows past
+// the last group (forward, with zero_tail), db[g] of empty groups (wgrad; their problem is
+// (0,0,0), since a GEMM with K = 0 may store garbage accumulators). Nothing is read back on
+// the host.
 //
 // `Args` is a kernel's per-group argument arrays, passed by value, with
 //   __device__ void set_forward(int64_t g, RowSpan span, const ForwardProblem& p) const;
@@ -56,7 +57,9 @@ constexpr int kSmemGroups = kPrepareThreads * kEndsPerThread;  // spans in share
 // anywhere in [0, G); group_span walks O(g) offsets for it, which at G = 128 made the
 // prepare kernel take 31 us where the GEMM after it takes 1.2 ms.
 struct RunningEnd {
-  __device__ int32_t operator()(int32_t end, int32_t offset) const { return running_end(end, offset); }
+  __device__ int32_t operator()(int32_t end, int32_t offset) const {
+    return running_end(end, offset);
+  }
 };
 using EndScan = cub::BlockScan<int32_t, kPrepareThreads>;
 
@@ -91,7 +94,9 @@ __device__ inline BlockSpans block_spans(const int32_t* offsets, int64_t groups,
 #pragma unroll
   for (int i = 0; i < kEndsPerThread; ++i) {
     // clamp_end(...) <= the running max, an int32.
-    if (first + i < groups) smem.ends[first + i] = static_cast<int32_t>(clamp_end(running_end(0, ends[i]), rows));
+    if (first + i < groups) {
+      smem.ends[first + i] = static_cast<int32_t>(clamp_end(running_end(0, ends[i]), rows));
+    }
   }
   __syncthreads();
   return {offsets, smem.ends, rows};
@@ -149,8 +154,8 @@ __global__ void __launch_bounds__(kPrepareThreads)
 }
 
 // Grid (chunks, groups): blocks with blockIdx.y == 0 set the arguments of groups
-// [x*256, x*256+256), each in its wgrad_slot; every block zeroes its chunk of db[g] for the empty groups g it
-// strides over (blocks of non-empty groups skip them).
+// [x*256, x*256+256), each in its wgrad_slot; every block zeroes its chunk of db[g] for the
+// empty groups g it strides over (blocks of non-empty groups skip them).
 template <class Args>
 __global__ void __launch_bounds__(kPrepareThreads)
     wgrad_prepare_kernel(Args args, WgradProblem p) {
