@@ -117,11 +117,10 @@ __device__ inline int64_t wgrad_slot(const BlockSpans& spans, int64_t g, const W
   const RowSpan mine = spans(g);
   const int64_t rows = mine.end - mine.begin;
   int64_t slot = 0;
-  int64_t begin = 0;
   for (int64_t h = 0; h < p.groups; ++h) {
-    const int64_t other = spans.ends[h] - begin;
-    begin = spans.ends[h];
-    slot += other > rows || (other == rows && h < g);
+    const RowSpan other = spans(h);
+    const int64_t other_rows = other.end - other.begin;
+    slot += other_rows > rows || (other_rows == rows && h < g);
   }
   return slot;
 }
