@@ -416,17 +416,32 @@ def test_anyexperts_preset_paper_defaults():
     assert AnyExpertsConfig(8, 8, 4, k_max=2, rho_max="1/4").rho_max == Fraction(1, 4)
 
 
-@pytest.mark.parametrize("rho", [1 / 3, 0.1 + 0.2, 0.123456789, Fraction(2, 7)])
+@pytest.mark.parametrize("rho, held", [
+    (0.2, Fraction(1, 5)), (0.29, Fraction(29, 100)), (0.143, Fraction(143, 1000)),
+    (1 / 3, Fraction(1, 3)), (2 / 7, Fraction(2, 7)), (0.3333, Fraction(3333, 10000)),
+    (0.1 + 0.2, Fraction(0.1 + 0.2)), ("0.3333333333333333", Fraction(3333333333333333, 10**16)),
+])
+def test_float_rho_read_as_the_fraction_meant(rho, held):
+    """A float rho_max is the shortest fraction that rounds to it: a short decimal as written,
+    1/3 as one third (its 16-digit decimal would give floor(3 * rho) = 0)."""
+    c = AnyExpertsConfig(8, 8, 6, k_min=3, k_max=6, rho_max=rho)
+    assert c.rho_max == held
+    assert [c.virtual_cap(k) for k in range(7)] == [math.floor(held * k) for k in range(7)]
+
+
+@pytest.mark.parametrize("rho", [Fraction(3333333333333333, 10**16), 0.1 + 0.2, 0.123456789,
+                                 Fraction(2, 7)])
 def test_virtual_cap_exact_for_any_rho(rho):
-    """V = floor(rho * K) exactly for the rho the config holds (a float read through its
-    decimal repr has a numerator of 16+ digits: a product in int32 or int64 would wrap)."""
+    """V = floor(rho * K) exactly for the rho the config holds (numerators of 16+ digits: a
+    product in int32 or int64 would wrap)."""
     k_max = 24
     m = AnyExpertsMoE(AnyExpertsConfig(H, FFN, k_max, num_virtual=2, k_min=1, k_max=k_max,
                                        rho_max=rho))
     with torch.no_grad():
         m.importance.net[-1].weight.mul_(8.0)  # K over the whole range
     rec = m.route(torch.randn(200, H))
-    exact = Fraction(repr(rho)) if isinstance(rho, float) else rho
+    exact = m.config.rho_max
+    assert float(exact) == float(rho)
     want = torch.tensor([math.floor(exact * int(k)) for k in rec.slots], dtype=torch.int32)
     assert torch.equal(rec.max_virtual, want)
     assert len(set(rec.slots.tolist())) > 5 and int(want.max()) > 0

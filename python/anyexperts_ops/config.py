@@ -20,15 +20,29 @@ NORMS = ("none", "selected", "real")
 ROUTER_DTYPES = (None, "float32")
 
 
+def _float_to_fraction(x: float) -> Fraction:
+    """The fraction a float was meant as: the closest one with a denominator of at most
+    10, 100, 1000, ... (the first bound that has one) that rounds to x. So 0.2 -> 1/5 and
+    0.29 -> 29/100 (every short decimal is read as written, never as
+    0.2000000000000000111...), and 1/3 -> 1/3, not its 16-digit decimal, whose floor(3 * rho)
+    would be 0. A float no such fraction rounds to is read through its repr."""
+    exact = Fraction(x)  # raises on NaN and inf
+    for digits in range(1, 18):
+        f = exact.limit_denominator(10**digits)
+        if float(f) == x:
+            return f
+    return Fraction(repr(x))
+
+
 def _to_fraction(x) -> Fraction:
-    """rho_max as an exact fraction: Fraction, (num, den), "1/5", int, or a float read
-    through its shortest decimal repr (0.2 -> 1/5, never 0.2000000000000000111...)."""
+    """rho_max as an exact fraction: Fraction, (num, den), "1/5", int, or a float
+    (_float_to_fraction)."""
     if isinstance(x, Fraction):
         return x
     if isinstance(x, (tuple, list)):
         return Fraction(int(x[0]), int(x[1]))
     if isinstance(x, float):
-        return Fraction(repr(x))
+        return _float_to_fraction(x)
     return Fraction(x)
 
 
