@@ -234,10 +234,18 @@ torch.library.register_autograd("anyexperts::permute", _permute_backward,
                                 setup_context=_permute_setup)
 
 
+# An input is saved only where the other one's gradient reads it: frozen experts (b needs
+# no grad) keep no [R, K] activation a alive until the backward, and a frozen router
+# (unpermute's weights need no grad) no [R, H] y.
+
 def _grouped_mm_setup(ctx, inputs, keyword_only_inputs, output):
     a, b, offsets = inputs
-    ctx.save_for_backward(a, b, offsets)
+    need_a, need_b = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(a if need_b else None, b if need_a else None, offsets)
     ctx.zero_tail = keyword_only_inputs["zero_tail"]
+    # b is a transposed view of [G, N, K] storage (nn.Linear layout)
+    ctx.b_linear = (b.dim() == 3 and b.stride(1) == 1 and b.stride(2) == b.shape[1]
+                    and b.shape[1] > 1)
 
 
 def _grouped_mm_backward(ctx, grad_out):
@@ -246,10 +254,9 @@ def _grouped_mm_backward(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         grad_a = grouped_mm(grad_out, b.transpose(-2, -1), offsets, zero_tail=ctx.zero_tail)
     if ctx.needs_input_grad[1]:
-        if b.dim() == 3 and b.stride(1) == 1 and b.stride(2) == b.shape[1] and b.shape[1] > 1:
-            # b is a transposed view of [G, N, K] storage (nn.Linear layout): compute the
-            # gradient in that layout (db^T[g] = dout_g^T @ a_g) so the view's backward needs
-            # no transposing copy of the whole weight gradient.
+        if ctx.b_linear:
+            # the gradient in b's storage layout (db^T[g] = dout_g^T @ a_g), so the view's
+            # backward needs no transposing copy of the whole weight gradient.
             grad_b = grouped_mm_wgrad(grad_out, a, offsets).transpose(-2, -1)
         else:
             grad_b = grouped_mm_wgrad(a, grad_out, offsets)
@@ -269,8 +276,14 @@ def _grouped_mm_wgrad_backward(ctx, grad_db):
             grouped_mm(a, grad_db, offsets) if need[1] else None, None)
 
 
+def _grouped_mm_wgrad_setup(ctx, inputs, output):
+    a, dout, offsets = inputs
+    need_a, need_dout = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(a if need_dout else None, dout if need_a else None, offsets)
+
+
 torch.library.register_autograd("anyexperts::grouped_mm_wgrad", _grouped_mm_wgrad_backward,
-                                setup_context=_save_inputs)
+                                setup_context=_grouped_mm_wgrad_setup)
 
 
 def _swiglu_setup(ctx, inputs, keyword_only_inputs, output):
@@ -303,12 +316,16 @@ torch.library.register_autograd("anyexperts::hsm", _hsm_backward, setup_context=
 
 def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):
     y, slot_rows, weights = inputs
-    ctx.save_for_backward(y, slot_rows, weights)
+    ctx.save_for_backward(y if ctx.needs_input_grad[2] else None, slot_rows, weights)
+    ctx.y_shape = y.shape
     ctx.zero_unreferenced = keyword_only_inputs["zero_unreferenced"]
 
 
 def _unpermute_backward(ctx, grad_out):
     y, slot_rows, weights = ctx.saved_tensors
+    if y is None:
+        # only the discarded weights gradient reads y: zeros of its shape, built here
+        y = grad_out.new_zeros(()).expand(ctx.y_shape)
     grad_y, grad_weights = _ops.unpermute_backward.default(
         grad_out.contiguous(), y, slot_rows, weights, zero_unreferenced=ctx.zero_unreferenced)
     return (grad_y if ctx.needs_input_grad[0] else None, None,
