@@ -1,7 +1,7 @@
 """What the ops keep for the backward: an input is saved only where another input's gradient
-reads it, so frozen experts keep no GEMM input alive and a frozen router no expert output
-(ops.py, _grouped_mm_setup / _unpermute_setup), and the gradients that are asked for do not
-change.
+reads it, so frozen experts keep no GEMM input alive, and routing weights that need no
+gradient no expert output (ops.py, _grouped_mm_setup / _unpermute_setup); the gradients that
+are asked for do not change.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def saved_rows(layer, x):
     return sum(seen.values())
 
 
-def test_layer_frozen_router_or_experts_saves_fewer_rows():
+def test_layer_frozen_routing_or_experts_saves_fewer_rows():
     torch.manual_seed(0)
     H, Fw, T = 16, 24, 64
     layer = ae.AnyExpertsMoE(presets.anyexperts(H, Fw, num_experts=8, k_max=4, k_min=2,
@@ -112,7 +112,7 @@ def test_layer_frozen_router_or_experts_saves_fewer_rows():
     layer.train()
     c = layer.config
     R = T * c.k_max + c.num_experts * (c.align - 1)
-    x = torch.randn(T, H)
+    x = torch.randn(T, H)  # needs no grad: with the router frozen, neither do the weights
     everything = saved_rows(layer, x)
 
     routing = [p for n, p in layer.named_parameters() if n.startswith(("router", "importance"))]
