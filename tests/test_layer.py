@@ -419,11 +419,14 @@ def test_anyexperts_preset_paper_defaults():
 @pytest.mark.parametrize("rho, held", [
     (0.2, Fraction(1, 5)), (0.29, Fraction(29, 100)), (0.143, Fraction(143, 1000)),
     (1 / 3, Fraction(1, 3)), (2 / 7, Fraction(2, 7)), (0.3333, Fraction(3333, 10000)),
-    (0.1 + 0.2, Fraction(0.1 + 0.2)), ("0.3333333333333333", Fraction(3333333333333333, 10**16)),
+    (0.1 + 0.2, Fraction("0.30000000000000004")), (0.80297879, Fraction("0.80297879")),
+    (0.123456789012345, Fraction("0.123456789012345")), (7e-16, Fraction(7, 10**16)),
+    ("0.3333333333333333", Fraction(3333333333333333, 10**16)),
 ])
 def test_float_rho_read_as_the_fraction_meant(rho, held):
-    """A float rho_max is the shortest fraction that rounds to it: a short decimal as written,
-    1/3 as one third (its 16-digit decimal would give floor(3 * rho) = 0)."""
+    """A float rho_max is the fraction of denominator <= 1000 that rounds to it, where there
+    is one (1/3 as one third: its 16-digit decimal would give floor(3 * rho) = 0), else its
+    shortest decimal, as written."""
     c = AnyExpertsConfig(8, 8, 6, k_min=3, k_max=6, rho_max=rho)
     assert c.rho_max == held
     assert [c.virtual_cap(k) for k in range(7)] == [math.floor(held * k) for k in range(7)]

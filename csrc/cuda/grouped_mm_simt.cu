@@ -3,7 +3,6 @@
 // come from `offsets` by rules.h's group end rule, on the device: no host synchronisation.
 
 #include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

@@ -21,17 +21,13 @@ ROUTER_DTYPES = (None, "float32")
 
 
 def _float_to_fraction(x: float) -> Fraction:
-    """The fraction a float was meant as: the closest one with a denominator of at most
-    10, 100, 1000, ... (the first bound that has one) that rounds to x. So 0.2 -> 1/5 and
-    0.29 -> 29/100 (every short decimal is read as written, never as
-    0.2000000000000000111...), and 1/3 -> 1/3, not its 16-digit decimal, whose floor(3 * rho)
-    would be 0. A float no such fraction rounds to is read through its repr."""
-    exact = Fraction(x)  # raises on NaN and inf
-    for digits in range(1, 18):
-        f = exact.limit_denominator(10**digits)
-        if float(f) == x:
-            return f
-    return Fraction(repr(x))
+    """The fraction a float was meant as: the one with a denominator of at most 1000 that
+    rounds to x where there is one (0.2 -> 1/5, 0.29 -> 29/100, 1/3 -> 1/3, not the 16-digit
+    decimal whose floor(3 * rho) is 0), else x's shortest decimal repr (0.123456789 as
+    written, never 0.1234567889999999973...). Fractions of denominators up to 1000 lie
+    at least 1e-6 apart, so at most one rounds to x."""
+    small = Fraction(x).limit_denominator(1000)  # raises on NaN and inf
+    return small if float(small) == x else Fraction(repr(x))
 
 
 def _to_fraction(x) -> Fraction:

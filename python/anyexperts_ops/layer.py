@@ -333,8 +333,8 @@ class AnyExpertsMoE(nn.Module):
         for row, m in enumerate(self._const_cols):
             codes[m] = row
         # V(K) = floor(rho_max * K) for K in [0, K_max], in Python integers: the product
-        # rho_num * K overflows int32 (and int64) for a float rho such as 1/3, read as
-        # 3333333333333333/10^16
+        # rho_num * K overflows int32 (and int64) for a float rho such as 0.123456789012, read
+        # as 123456789012/10^12
         return {"_virtual_sources": torch.tensor(codes, dtype=torch.int32),
                 "_virtual_caps": torch.tensor([c.virtual_cap(k) for k in range(c.k_max + 1)],
                                               dtype=torch.int32)}

@@ -1,7 +1,8 @@
 // Interface of the SIMT grouped GEMMs (csrc/cuda/grouped_mm_simt.cu): the path of
-// grouped_mm / grouped_mm_wgrad that takes every case the tensor-core kernels do not
-// (GPUs older than sm_80, fp32/fp64, K or N not a multiple of 8, any strides). Slow but
-// exact to the contract; the dispatcher (csrc/cuda/grouped_mm.cu) has checked the inputs.
+// grouped_mm / grouped_mm_wgrad for every call no tensor-core path takes (tensor_core_path
+// in csrc/cuda/grouped_mm.cu: GPUs older than sm_80, fp32/fp64, K or N not a multiple of 8
+// or past int range, builds without those kernels, the backend override). Any strides;
+// slow but exact to the contract; the dispatcher has checked the inputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
