@@ -19,9 +19,10 @@ The wgrad rows of SHAPES also time our kernel with its problems in index order
 (ANYEXPERTS_GROUPED_MM_WGRAD_ORDER=index) beside the default, largest group first:
 index_order_ms and largest_first_gain on our row.
 TFLOP/s = 2 * R * K * N / time; each time is the median of CUDA-event timings after
-warm-up, the implementations of a case timed in turns (timing.interleaved_ms). Rows carry
-speedup_vs_torch_grouped_mm (torch time / this time) and, for ours, fraction_of_dense (our
-TFLOP/s over the dense GEMM's).
+warm-up, the implementations of a case timed in turns (timing.interleaved_rounds_ms). Rows
+carry speedup_vs_torch_grouped_mm (torch time / this time), speedup_round_quartiles (the 25th
+and 75th percentiles over the rounds of that ratio within a round: the noise a speedup of
+1.00x +- 0.01 sits in) and, for ours, fraction_of_dense (our TFLOP/s over the dense GEMM's).
 
 Writes JSON {"gpu","torch","cuda","date","rows":[...]} to --out and a markdown table beside it.
 
@@ -40,6 +41,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -52,7 +54,7 @@ except ImportError:  # run from a source checkout without PYTHONPATH=python
 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 from provenance import code_commit  # noqa: E402
-from timing import error_text, interleaved_ms  # noqa: E402
+from timing import error_text, interleaved_rounds_ms, round_ratio_quartiles  # noqa: E402
 
 ops = torch.ops.anyexperts
 
@@ -139,6 +141,17 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
         rest -= add
     assert sum(sizes) == R and max(sizes) <= T, (sizes, R, T)
     return sizes
+
+
+def medians(by_round: dict) -> dict:
+    """Each implementation's median time over all its timed calls."""
+    return {name: statistics.median(ms for r in runs for ms in r)
+            for name, runs in by_round.items()}
+
+
+def quartiles_text(q) -> str:
+    """' (0.98-1.02)': a speedup's 25th-75th percentile over the rounds, or ''."""
+    return f" ({q[0]:.2f}-{q[1]:.2f})" if q else ""
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -243,8 +256,9 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
     for op, (K, N, impls) in cases.items():
         flops = 2.0 * R * K * N
         notes = {impl: "torch._grouped_mm not available" for impl in IMPLS if impls.get(impl) is None}
-        times, errors = interleaved_ms({impl: fn for impl, fn in impls.items() if fn},
-                                       args.warmup, args.rounds, args.iters)
+        by_round, errors = interleaved_rounds_ms({impl: fn for impl, fn in impls.items() if fn},
+                                                 args.warmup, args.rounds, args.iters)
+        times = medians(by_round)
         notes.update(errors)
         check = None
         if "anyexperts" in times and "torch_grouped_mm" in times:
@@ -262,7 +276,9 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
             if impl in times:
                 ms = times[impl]
                 row.update(ms=ms, tflops=flops / ms / 1e9,
-                           speedup_vs_torch_grouped_mm=(torch_ms / ms) if torch_ms else None)
+                           speedup_vs_torch_grouped_mm=(torch_ms / ms) if torch_ms else None,
+                           speedup_round_quartiles=round_ratio_quartiles(
+                               by_round, "torch_grouped_mm", impl))
                 if impl == "anyexperts":
                     row["fraction_of_dense"] = (row["tflops"] / dense_tflops
                                                 if dense_tflops else None)
@@ -280,7 +296,8 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
         print(f"{name:12s} {load:8s} {op:7s} " + "  ".join(
             f"{impl}={flops / times[impl] / 1e9:7.1f}" if impl in times else f"{impl}=  n/a  "
             for impl in IMPLS) + " TFLOP/s" +
-            (f"  speedup={torch_ms / ours:.2f}x" if ours and torch_ms else "") +
+            (f"  speedup={torch_ms / ours:.2f}x" + quartiles_text(round_ratio_quartiles(
+                by_round, "torch_grouped_mm", "anyexperts")) if ours and torch_ms else "") +
             (f"  rel_diff={check:.1e}" if check is not None else "") +
             (f"  index_order/largest_first={times['anyexperts_index_order'] / ours:.3f}x"
              if ours and "anyexperts_index_order" in times else ""), flush=True)
@@ -398,9 +415,10 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
                 row["error"] = f"result differs from torch._grouped_mm: rel. diff {diff:.2e}"
                 continue
             fns[label] = fn
-        # All configurations and torch in turns (interleaved_ms): a clock change during the
+        # All configurations and torch in turns (interleaved_rounds_ms): a clock change during the
         # sweep then reaches every one of them alike.
-        times, errors = interleaved_ms(fns, args.warmup, args.rounds, args.iters)
+        by_round, errors = interleaved_rounds_ms(fns, args.warmup, args.rounds, args.iters)
+        times = medians(by_round)
         if TORCH_LABEL in errors:
             raise RuntimeError(f"{TORCH_LABEL} failed while timed: {errors[TORCH_LABEL]}")
         for label, err in errors.items():
@@ -415,7 +433,9 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
             if ms is None:
                 row.update(ms=None, tflops=None, speedup_vs_torch_grouped_mm=None)
             else:
-                row.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_torch_grouped_mm=torch_ms / ms)
+                row.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_torch_grouped_mm=torch_ms / ms,
+                           speedup_round_quartiles=round_ratio_quartiles(
+                               by_round, TORCH_LABEL, label))
             rows.append(row)
         ok = [r for r in ours.values() if not r.get("error")]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
@@ -498,7 +518,8 @@ def sweep_markdown(meta, rows, summary) -> str:
         " process, all timed in turns. speedup = torch._grouped_mm time / ours (> 1: ours"
         " faster). Config ="
         " schedule/raster/swizzle; `auto` is the default choice with no overrides (it equals one"
-        " of the explicit rows: their difference is the run-to-run noise).",
+        " of the explicit rows: their difference is the run-to-run noise). The 25th-75th"
+        " percentile of a speedup is taken over the rounds, each round's ratio of medians.",
         "",
         "## Ranking over all cases (geometric mean of speedup)",
         "",
@@ -529,13 +550,14 @@ def sweep_markdown(meta, rows, summary) -> str:
             f"- {r['name']}: {r['error']}" for r in errors]
     lines += ["", "## All rows", "",
               "| shape | load | op | M x K x N | config | ms | TFLOP/s | speedup vs torch |"
-              " rel. diff |",
-              "|---|---|---|---|---|---:|---:|---:|---:|"]
+              " 25th-75th pct. over rounds | rel. diff |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['load']} | {r['op']} | {r['M']}x{r['K']}x{r['N']} | {r['config']} | "
             f"{f(r.get('ms'), '.3f')} | {f(r.get('tflops'), '.1f')} | "
             f"{f(r.get('speedup_vs_torch_grouped_mm'), '.3f')}x | "
+            f"{quartiles_text(r.get('speedup_round_quartiles')).strip(' ()') or 'n/a'} | "
             f"{f(r.get('rel_diff_vs_torch_grouped_mm'), '.1e')} |")
     return "\n".join(lines) + "\n"
 
@@ -592,7 +614,8 @@ def markdown(meta, rows) -> str:
         *([f"anyexperts kernels capped at {ENV_BACKEND}={meta['backend_override']}.", ""]
           if meta.get("backend_override") else []),
         f"TFLOP/s (bf16, median of {meta['rounds'] * meta['iters']} CUDA-event times, the"
-        " implementations timed in turns). speedup = torch._grouped_mm time / ours;"
+        " implementations timed in turns). speedup = torch._grouped_mm time / ours, with its"
+        f" 25th-75th percentile over the {meta['rounds']} rounds in brackets;"
         " % dense = ours / one dense cuBLAS GEMM of equal FLOPs.",
         "",
         "| shape | load | op | M x K x N | anyexperts | torch._grouped_mm | cuBLAS loop |"
@@ -615,7 +638,9 @@ def markdown(meta, rows) -> str:
             f"| {shape} | {load} | {op} | {any_row['M']}x{any_row['K']}x{any_row['N']} | "
             f"{fmt(ours)} | {fmt(impls.get('torch_grouped_mm'))} | "
             f"{fmt(impls.get('cublas_loop'))} | {fmt(impls.get('dense_cublas'))} | "
-            f"{f'{sp:.2f}x' if sp else 'n/a'} | {f'{100 * fd:.0f}%' if fd else 'n/a'} |")
+            f"{f'{sp:.2f}x' if sp else 'n/a'}"
+            f"{quartiles_text(ours.get('speedup_round_quartiles')) if sp else ''} | "
+            f"{f'{100 * fd:.0f}%' if fd else 'n/a'} |")
     gains = [r for r in rows if r.get("largest_first_gain")]
     if gains:
         lines += ["", "wgrad problem order, timed in the same turns: index order time / largest"

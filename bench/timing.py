@@ -20,13 +20,35 @@ def error_text(exc: BaseException) -> str:
 
 
 def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int, device="cuda"):
-    """Median time (ms) of each callable in `fns` (name -> fn), timed in turns: each of
-    `rounds` rounds times `iters` calls of every callable, in an order shuffled anew each
-    round (seeded). Shuffled rather than rotated, so that no callable always follows the
-    same one (a power-hungry predecessor slows the clock for the next). CUDA events on a
-    CUDA device, perf_counter (after each call) elsewhere.
-    Returns ({name: ms}, {name: error}): a callable that raises, in warm-up or later, gets
-    an error and no time (a baseline failing is a result, not a crash)."""
+    """Median time (ms) of each callable in `fns` (name -> fn) over all its timed calls of
+    interleaved_rounds_ms. Returns ({name: ms}, {name: error})."""
+    by_round, errors = interleaved_rounds_ms(fns, warmup, rounds, iters, device)
+    return {name: statistics.median(ms for r in runs for ms in r)
+            for name, runs in by_round.items()}, errors
+
+
+def round_ratio_quartiles(by_round: dict, num: str, den: str):
+    """(25th, 75th percentile) over the rounds of interleaved_rounds_ms of the ratio
+    median(num's calls) / median(den's calls) within a round: how far a ratio of two
+    overall medians moves with the stretch of the run it is taken in (None: fewer than 2
+    rounds, or either callable untimed)."""
+    if num not in by_round or den not in by_round or len(by_round[num]) < 2:
+        return None
+    ratios = [statistics.median(n) / statistics.median(d)
+              for n, d in zip(by_round[num], by_round[den])]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
+
+
+def interleaved_rounds_ms(fns: dict, warmup: int, rounds: int, iters: int, device="cuda"):
+    """Times each callable in `fns` (name -> fn) in turns: each of `rounds` rounds times
+    `iters` calls of every callable, in an order shuffled anew each round (seeded).
+    Shuffled rather than rotated, so that no callable always follows the same one (a
+    power-hungry predecessor slows the clock for the next). CUDA events on a CUDA device,
+    perf_counter (after each call) elsewhere.
+    Returns ({name: [[ms of each call] for each round]}, {name: error}): a callable that
+    raises, in warm-up or later, gets an error and no times (a baseline failing is a
+    result, not a crash)."""
     on_cuda = torch.device(device).type == "cuda"
 
     def sync():
@@ -65,6 +87,6 @@ def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int, device="cuda
                 errors[name] = error_text(exc)
                 del stamps[name]
     sync()
-    times = {name: statistics.median(elapsed(s, e) for s, e in pairs)
-             for name, pairs in stamps.items()}
-    return times, errors
+    return {name: [[elapsed(s, e) for s, e in pairs[r * iters:(r + 1) * iters]]
+                   for r in range(rounds)]
+            for name, pairs in stamps.items()}, errors

@@ -112,6 +112,7 @@ def test_sweep_summary_and_markdown():
                                  config=config, ms=ms, tflops=1.0 / ms,
                                  speedup_vs_torch_grouped_mm=1.0 / ms,
                                  rel_diff_vs_torch_grouped_mm=1e-3))
+            rows[-1]["speedup_round_quartiles"] = (0.75, 0.85)
             rows.append(dict(case, name=f"{shape}/{op}/bad", impl="anyexperts", config="bad",
                              ms=None, tflops=None, speedup_vs_torch_grouped_mm=None,
                              error="RuntimeError: boom"))
@@ -127,6 +128,7 @@ def test_sweep_summary_and_markdown():
     md = bench.sweep_markdown(meta, rows, summary)
     assert "## Best config per shape" in md and "RuntimeError: boom" in md
     assert md.index("## Errors") < md.index("## All rows")   # gpu_session.sh prints up to All rows
+    assert "| 0.800x | 0.75-0.85 |" in md and "| 1.000x | n/a |" in md
 
 
 def test_markdown_reports_the_wgrad_order_gain():
@@ -141,9 +143,11 @@ def test_markdown_reports_the_wgrad_order_gain():
             if impl == "anyexperts":
                 row.update(dict(index_order_ms=gain, largest_first_gain=gain) if gain else
                            dict(index_order_error="RuntimeError: order"))
+                row["speedup_round_quartiles"] = (0.981, 1.024) if gain else None
             rows.append(row)
     md = bench.markdown(dict(gpu="GPU", torch="t", cuda="c", date="d", rounds=2, iters=3), rows)
     assert md.count("| s | zipf |") == 1 and md.count("| s | balanced |") == 1
+    assert "| 1.00x (0.98-1.02) |" in md and "| 1.00x |" in md   # the rounds' quartiles
     assert "index order time / largest first time" in md and "s zipf 1.250x" in md
     assert "s/balanced/wgrad/anyexperts (index order): RuntimeError: order" in md
 

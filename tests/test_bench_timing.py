@@ -69,3 +69,29 @@ def test_interleaved_ms_times_in_turns_and_survives_failures(clock, warmup):
     assert len(timed_order) == 6 * 2 * 2
     firsts = {timed_order[4 * r] for r in range(6)}      # the order changes between rounds
     assert firsts == {"a", "b"}
+
+
+def test_rounds_keep_each_rounds_calls_and_give_ratio_quartiles(clock):
+    """interleaved_rounds_ms returns every timed call, round by round, so a ratio's spread
+    over the rounds can be reported beside the ratio of medians."""
+    per_round = [2.0, 3.0, 3.0, 4.0, 5.0, 6.0]   # b's cost in each round; a's is 1.0
+    calls = {"b": 0}
+
+    def a():
+        CLOCK["ms"] += 1.0
+
+    def b():
+        calls["b"] += 1
+        timed = calls["b"] - 1 - 1                 # one warm-up call
+        CLOCK["ms"] += per_round[timed // 2] if timed >= 0 else 1.0
+
+    by_round, errors = timing.interleaved_rounds_ms({"a": a, "b": b}, 0, rounds=6, iters=2,
+                                                    device=clock)
+    assert not errors
+    assert by_round["b"] == [[pytest.approx(c)] * 2 for c in per_round]
+    assert by_round["a"] == [[pytest.approx(1.0)] * 2] * 6
+    q1, q3 = timing.round_ratio_quartiles(by_round, "b", "a")
+    assert (q1, q3) == (pytest.approx(3.0), pytest.approx(4.75))
+    assert timing.round_ratio_quartiles(by_round, "b", "missing") is None
+    one_round, _ = timing.interleaved_rounds_ms({"a": a}, 0, rounds=1, iters=2, device=clock)
+    assert timing.round_ratio_quartiles(one_round, "a", "a") is None
