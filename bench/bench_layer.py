@@ -87,7 +87,7 @@ if HERE not in sys.path:
     sys.path.append(HERE)  # appended, never first: bench/profile.py must not shadow stdlib
 from baselines import EagerLoopMoE, GroupedMMMoE, Weight0Backend  # noqa: E402
 from provenance import code_commit  # noqa: E402
-from timing import interleaved_ms  # noqa: E402
+from timing import interleaved_rounds_ms, round_ratio_quartiles  # noqa: E402
 
 # ---- shapes ---------------------------------------------------------------------------
 
@@ -620,8 +620,9 @@ class Suite:
 
     def in_turns(self, rows: list[dict], static, layer, x, dy, layer_call) -> None:
         """The headline ratio measured once more, the static top-K layer and `layer` (at
-        its current budget) timed in turns (timing.interleaved_ms), into `rows` (layer's fwd
-        and fwd_bwd rows): time_ratio_vs_static_topk_in_turns. One after the other, as the
+        its current budget) timed in turns (timing.interleaved_rounds_ms), into `rows`
+        (layer's fwd and fwd_bwd rows): time_ratio_vs_static_topk_in_turns, and its 25th-75th
+        percentile over the rounds (time_ratio_in_turns_round_quartiles). One after the other, as the
         other rows are timed, a change of the GPU's clock between the two reaches one of
         them only (about +-0.02 on the ratio between runs)."""
         steps = {"fwd": lambda m: forward_step(layer_call(m), x),
@@ -631,14 +632,18 @@ class Suite:
             if r.get("error"):
                 continue
             fns = {"static": steps[r["mode"]](static), "layer": steps[r["mode"]](layer)}
-            times, errors = interleaved_ms(fns, self.warmup, self.rounds, self.iters,
-                                           self.device)
+            by_round, errors = interleaved_rounds_ms(fns, self.warmup, self.rounds, self.iters,
+                                                     self.device)
             if errors:
                 r["in_turns_error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
                 continue
+            times = {k: statistics.median(ms for rnd in v for ms in rnd)
+                     for k, v in by_round.items()}
             r.update(in_turns_ms=times["layer"], in_turns_static_ms=times["static"],
                      in_turns_rounds=self.rounds, in_turns_iters=self.iters,
-                     time_ratio_vs_static_topk_in_turns=times["layer"] / times["static"])
+                     time_ratio_vs_static_topk_in_turns=times["layer"] / times["static"],
+                     time_ratio_in_turns_round_quartiles=round_ratio_quartiles(
+                         by_round, "layer", "static"))
         for p in (*static.parameters(), *layer.parameters()):
             p.grad = None
         _free(self.device)
@@ -1030,6 +1035,8 @@ def summary(rows: list[dict], shapes: list[dict]) -> dict:
         ent["ratio_lowest_avgk_vs_static_fwd_bwd"] = r and r["time_ratio_vs_static_topk"]
         ent["ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"] = r and r.get(
             "time_ratio_vs_static_topk_in_turns")
+        ent["ratio_lowest_avgk_vs_static_fwd_bwd_in_turns_round_quartiles"] = r and r.get(
+            "time_ratio_in_turns_round_quartiles")
         ent["ratio_lowest_avgk_vs_static_fwd_bwd_target"] = 0.70
         r = pick("anyexperts", "fwd", lo)
         ent["ratio_lowest_avgk_vs_static_fwd"] = r and r["time_ratio_vs_static_topk"]
@@ -1096,7 +1103,8 @@ def write_results(path: str, meta: dict, shapes: list[dict], rows: list[dict]) -
         modes=MODES_DOC,
         timing="median of reps after warm-up; CUDA events on GPU, perf_counter on CPU. "
                "The *_in_turns fields (AnyExperts at the lowest Avg-K): that layer and the "
-               "static top-K layer timed again in turns, in_turns_rounds rounds of "
+               "static top-K layer timed again in turns (with the ratio's 25th-75th percentile "
+               "over the rounds), in_turns_rounds rounds of "
                "in_turns_iters steps each, order shuffled per round (bench/timing.py)",
         memory="torch.cuda.max_memory_allocated over one step (peak_mem_bytes) and above "
                "the memory allocated before it (peak_mem_extra_bytes); null on CPU",
@@ -1202,8 +1210,10 @@ def markdown(doc: dict) -> str:
         for name, e in summ.items():
             ov = e.get("max_routing_overhead_frac_anyexperts") or {}
             oc = e.get("routing_overhead_frac_compiled") or {}
+            q = e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns_round_quartiles")
             ratio = (_fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd"), "{:.2f}") + "; " +
-                     _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"), "{:.2f}"))
+                     _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"), "{:.2f}") +
+                     (f" ({q[0]:.2f}-{q[1]:.2f} over the rounds)" if q else ""))
             ratio_c = _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_compiled"), "{:.2f}")
             lines.append(f"| {name} | {ratio} | {pct(ov.get('fwd'))} / {pct(ov.get('fwd_bwd'))}"
                          f" | {_fmt(e.get('speedup_vs_eager_fwd_bwd_at_avgk_topk'), '{:.2f}x')}"
