@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -54,7 +53,7 @@ except ImportError:  # run from a source checkout without PYTHONPATH=python
 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 from provenance import code_commit  # noqa: E402
-from timing import error_text, interleaved_rounds_ms, round_ratio_quartiles  # noqa: E402
+from timing import error_text, interleaved_rounds_ms, medians, round_ratio_quartiles  # noqa: E402
 
 ops = torch.ops.anyexperts
 
@@ -141,12 +140,6 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
         rest -= add
     assert sum(sizes) == R and max(sizes) <= T, (sizes, R, T)
     return sizes
-
-
-def medians(by_round: dict) -> dict:
-    """Each implementation's median time over all its timed calls."""
-    return {name: statistics.median(ms for r in runs for ms in r)
-            for name, runs in by_round.items()}
 
 
 def quartiles_text(q) -> str:

@@ -87,7 +87,7 @@ if HERE not in sys.path:
     sys.path.append(HERE)  # appended, never first: bench/profile.py must not shadow stdlib
 from baselines import EagerLoopMoE, GroupedMMMoE, Weight0Backend  # noqa: E402
 from provenance import code_commit  # noqa: E402
-from timing import interleaved_rounds_ms, round_ratio_quartiles  # noqa: E402
+from timing import interleaved_rounds_ms, medians, round_ratio_quartiles  # noqa: E402
 
 # ---- shapes ---------------------------------------------------------------------------
 
@@ -637,8 +637,7 @@ class Suite:
             if errors:
                 r["in_turns_error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
                 continue
-            times = {k: statistics.median(ms for rnd in v for ms in rnd)
-                     for k, v in by_round.items()}
+            times = medians(by_round)
             r.update(in_turns_ms=times["layer"], in_turns_static_ms=times["static"],
                      in_turns_rounds=self.rounds, in_turns_iters=self.iters,
                      time_ratio_vs_static_topk_in_turns=times["layer"] / times["static"],

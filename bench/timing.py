@@ -19,12 +19,10 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def interleaved_ms(fns: dict, warmup: int, rounds: int, iters: int, device="cuda"):
-    """Median time (ms) of each callable in `fns` (name -> fn) over all its timed calls of
-    interleaved_rounds_ms. Returns ({name: ms}, {name: error})."""
-    by_round, errors = interleaved_rounds_ms(fns, warmup, rounds, iters, device)
+def medians(by_round: dict) -> dict:
+    """{name: median ms over all of its timed calls} of interleaved_rounds_ms's rounds."""
     return {name: statistics.median(ms for r in runs for ms in r)
-            for name, runs in by_round.items()}, errors
+            for name, runs in by_round.items()}
 
 
 def round_ratio_quartiles(by_round: dict, num: str, den: str):

@@ -1,4 +1,4 @@
-"""bench/timing.py's interleaved_ms on simulated clocks (CUDA events and perf_counter): it
+"""bench/timing.py's interleaved_rounds_ms on simulated clocks (CUDA events and perf_counter): it
 times every callable in turns, in an order that changes between rounds, and records a
 callable that fails (at once or after warm-up) instead of stopping. No real timing."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ def clock(request, monkeypatch):
 
 
 @pytest.mark.parametrize("warmup", [0, 2])
-def test_interleaved_ms_times_in_turns_and_survives_failures(clock, warmup):
+def test_interleaved_rounds_ms_times_in_turns_and_survives_failures(clock, warmup):
     calls, order = {"fails_late": 0}, []
 
     def timed(name, cost):
@@ -61,8 +61,12 @@ def test_interleaved_ms_times_in_turns_and_survives_failures(clock, warmup):
 
     fns = {"a": timed("a", 1.0), "b": timed("b", 3.0), "fails_late": fails_late,
            "fails_at_once": fails_at_once}
-    times, errors = timing.interleaved_ms(fns, warmup, rounds=6, iters=2, device=clock)
-    assert times == pytest.approx({"a": 1.0, "b": 3.0})
+    by_round, errors = timing.interleaved_rounds_ms(fns, warmup, rounds=6, iters=2,
+                                                    device=clock)
+    assert set(by_round) == {"a", "b"}
+    assert by_round["a"] == [[pytest.approx(1.0)] * 2] * 6
+    assert by_round["b"] == [[pytest.approx(3.0)] * 2] * 6
+    assert timing.medians(by_round) == pytest.approx({"a": 1.0, "b": 3.0})
     assert errors == {"fails_late": "RuntimeError: late failure",
                       "fails_at_once": "ValueError: broken"}
     timed_order = order[2 * max(warmup, 1):]            # after each one's warm-up calls

@@ -1,7 +1,6 @@
 // grouped_mm on the CPU: one ATen matmul per group, accumulated in fp32 (fp64 for fp64).
 // Reading offsets on the host is free here; the CUDA path builds its problems on device.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "anyexperts/checks.h"

@@ -56,8 +56,8 @@ namespace {
 //                                paths on newer GPUs (sm80 on an H100).
 // Unset or empty means auto; any other value fails every grouped_mm call with work to do
 // (empty shapes return first) with an error that lists the accepted ones. Read once per
-// process, or on every call with ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 (as the SM90 tuning
-// variables below).
+// process, or on every call with ANYEXPERTS_GROUPED_MM_TUNING_LIVE set to any value but 0
+// (as the SM90 tuning variables below).
 enum class Backend : int { kSimt = 0, kSm80 = 1, kSm90 = 2 };  // ordered: newer is larger
 
 // The variable's value, or nullptr when unset or empty.
@@ -345,8 +345,8 @@ void run_sm90_kernel(const char* op, const Kernel& kernel, const Problem& p,
 // Unset or empty means the default; any other value fails every SM90 grouped_mm call with
 // an error that lists the accepted ones (a typo must not quietly time the default).
 // They are read once, at the first SM90 grouped_mm call of the process. With
-// ANYEXPERTS_GROUPED_MM_TUNING_LIVE=1 every call reads them again (tuning_live), so one
-// process can time every configuration (the sweep, the CUDA tests).
+// ANYEXPERTS_GROUPED_MM_TUNING_LIVE set (not to 0) every call reads them again
+// (tuning_live), so one process can time every configuration (the sweep, the CUDA tests).
 struct ScheduleName {
   const char* name;
   sm90::Schedule schedule;

@@ -102,7 +102,7 @@ class CanvasDigits:
         self.num_patches = self.grid ** 2
 
     def _cut(self, img: torch.Tensor) -> torch.Tensor:
-        B, C, p, g = img.shape[0], self.canvas, self.patch, self.grid
+        B, p, g = img.shape[0], self.patch, self.grid
         return (img.reshape(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, g * g, p * p))
 
     def make(self, idx: torch.Tensor, qtype: torch.Tensor, gen: torch.Generator) -> Batch:

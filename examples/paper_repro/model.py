@@ -7,7 +7,6 @@ static top-K or AnyExperts). The answer is read from the <cls> token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anyexperts_ops.layer import AnyExpertsConfig, AnyExpertsMoE

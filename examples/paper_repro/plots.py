@@ -6,8 +6,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from data import QUESTION_NAMES, VOCAB, Batch  # noqa: E402
 

@@ -85,7 +85,6 @@ class ImportancePredictor(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.GELU())
         self.net = nn.Sequential(*layers)
-        self.kind = kind
 
     def forward(self, x: Tensor) -> Tensor:
         return _acc(self.net(x).squeeze(-1))

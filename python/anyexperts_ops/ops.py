@@ -56,9 +56,10 @@ def permute(x: Tensor, ids: Tensor, num_real: int, align: int = 1, *,
 
 
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, *, zero_tail: bool = True) -> Tensor:
-    """out[rows of g] = a[rows of g] @ b[g], offsets are end offsets. Rows from offsets[-1]
-    on are zero; with ``zero_tail=False`` they are unwritten (unspecified), in ``out`` and in
-    the gradient with respect to ``a``."""
+    """out[rows of g] = a[rows of g] @ b[g], offsets are end offsets (group g ends at
+    clamp(max(offsets[:g+1]), 0, R), the same as offsets[g] for valid offsets). Rows from the
+    last group's end on are zero; with ``zero_tail=False`` they are unwritten (unspecified), in
+    ``out`` and in the gradient with respect to ``a``."""
     return _ops.grouped_mm.default(a, b, offsets, zero_tail=zero_tail)
 
 

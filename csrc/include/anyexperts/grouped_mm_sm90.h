@@ -10,8 +10,9 @@
 // before calling in.
 //
 // Per-group problem sizes, operand pointers and strides are built on the device from
-// `offsets` by a small kernel (group spans by anyexperts::group_span, rules.h): nothing is
-// read back to the host, so the calls are CUDA-graph capturable.
+// `offsets` by a small kernel (group spans by the group end rule of rules.h, one block
+// scan of the offsets: grouped_mm_prepare.cuh): nothing is read back to the host, so the
+// calls are CUDA-graph capturable.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -85,9 +86,8 @@ using grouped::BLayout;
 using grouped::ForwardProblem;
 using grouped::WgradProblem;
 
-// Where and how to run. `workspace` must hold the bytes the matching *_workspace_bytes
-// function returned (device memory, 256-byte aligned); `sm_count` must be the same in both
-// calls. The current device must be `device`.
+// Where and how to run. `workspace` must hold the bytes the kernel's workspace_bytes
+// returned (device memory, 256-byte aligned); `sm_count` must be the same in both calls. The current device must be `device`.
 struct Launch {
   void* workspace;
   cudaStream_t stream;
