@@ -125,3 +125,42 @@ def test_layer_frozen_routing_or_experts_saves_fewer_rows():
     layer.w_gate_up.requires_grad_(False)
     layer.w_down.requires_grad_(False)
     assert saved_rows(layer, x) == everything - R * H - R * Fw  # no x_perm, no SwiGLU output
+
+
+def test_hsm_under_a_frozen_importance_keeps_no_x():
+    x = torch.randn(30, 12, dtype=torch.float64)
+    a = torch.rand(30, dtype=torch.float64) * 0.1
+    grad = torch.randn_like(x)
+    x_all, a_all = x.clone().requires_grad_(), a.clone().requires_grad_()
+    out, saved = saved_during(lambda: ae.hsm(x_all, a_all))
+    assert holds(saved, x_all)
+    want_x, _ = torch.autograd.grad(out, (x_all, a_all), grad)
+
+    x_in = x.clone().requires_grad_()
+    out, saved = saved_during(lambda: ae.hsm(x_in, a))
+    assert not holds(saved, x_in)
+    (got_x,) = torch.autograd.grad(out, x_in, grad)
+    assert_close(got_x, want_x, rtol=0, atol=0)
+
+
+def test_add_virtual_under_frozen_weights_keeps_no_x():
+    T, H, N = 24, 8, 4
+    logits, slots, mv = routing_inputs(T, N + 3, 4)
+    ids, weights = ae.segmented_topk(logits, slots, mv, 4, N, "selected")
+    sources = torch.tensor([-2, -1, 0], dtype=torch.int32)   # copy, zero, const 0
+    const = torch.randn(1, H, dtype=torch.float64)
+    out0, x = torch.randn(T, H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)
+    w = weights.double()
+    grad = torch.randn(T, H, dtype=torch.float64)
+
+    x_all, w_all = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out, saved = saved_during(lambda: ae.add_virtual(out0, x_all, ids, w_all, N, sources, const))
+    assert holds(saved, x_all)
+    want_x, _ = torch.autograd.grad(out, (x_all, w_all), grad)
+
+    x_in = x.clone().requires_grad_()
+    out, saved = saved_during(lambda: ae.add_virtual(out0, x_in, ids, w, N, sources, const))
+    assert not holds(saved, x_in)
+    (got_x,) = torch.autograd.grad(out, x_in, grad)
+    assert_close(got_x, want_x, rtol=0, atol=0)
+    assert (want_x != 0).any()   # some token has a copy slot

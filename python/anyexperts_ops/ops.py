@@ -193,11 +193,6 @@ def _add_virtual_backward_fake(grad, x, ids, weights, num_real, sources, const_v
 # unpermute, all differentiable, so those two differentiate twice. The other backward ops
 # have no derivative of their own: see _no_double_backward at the end.
 
-def _save_inputs(ctx, inputs, output):
-    """setup_context for ops whose backward needs exactly their (tensor) inputs."""
-    ctx.save_for_backward(*inputs)
-
-
 def _segmented_topk_setup(ctx, inputs, output):
     logits, _slots, _max_virtual, _k_max, num_real, norm = inputs
     ctx.save_for_backward(logits, output[0])
@@ -235,9 +230,16 @@ torch.library.register_autograd("anyexperts::permute", _permute_backward,
                                 setup_context=_permute_setup)
 
 
-# An input is saved only where the other one's gradient reads it: frozen experts (b needs
-# no grad) keep no [R, K] activation a alive until the backward, and a frozen router
-# (unpermute's weights need no grad) no [R, H] y.
+# An input is saved only where another input's gradient reads it: frozen experts (b needs
+# no grad) keep no [R, K] activation a alive until the backward, routing weights that need
+# no grad no [R, H] y, a frozen importance predictor no [T, H] x in hsm. Where a backward op
+# reads such an input only for a gradient not asked for, _stand_in gives it zeros.
+
+def _stand_in(saved, like: Tensor, shape):
+    """`saved`, or where it was not kept, zeros of its shape in `like`'s dtype and device,
+    made at backward time (the backward ops copy it to contiguous memory)."""
+    return saved if saved is not None else like.new_zeros(()).expand(shape)
+
 
 def _grouped_mm_setup(ctx, inputs, keyword_only_inputs, output):
     a, b, offsets = inputs
@@ -305,14 +307,20 @@ torch.library.register_autograd("anyexperts::swiglu", _swiglu_backward,
                                 setup_context=_swiglu_setup)
 
 
+def _hsm_setup(ctx, inputs, output):
+    x, a = inputs
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, a)
+    ctx.x_shape = x.shape
+
+
 def _hsm_backward(ctx, grad):
     x, a = ctx.saved_tensors
-    grad_x, grad_a = _ops.hsm_backward.default(grad, x, a)
+    grad_x, grad_a = _ops.hsm_backward.default(grad, _stand_in(x, grad, ctx.x_shape), a)
     return (grad_x if ctx.needs_input_grad[0] else None,
             grad_a if ctx.needs_input_grad[1] else None)
 
 
-torch.library.register_autograd("anyexperts::hsm", _hsm_backward, setup_context=_save_inputs)
+torch.library.register_autograd("anyexperts::hsm", _hsm_backward, setup_context=_hsm_setup)
 
 
 def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):
@@ -324,11 +332,8 @@ def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):
 
 def _unpermute_backward(ctx, grad_out):
     y, slot_rows, weights = ctx.saved_tensors
-    if y is None:
-        # only the discarded weights gradient reads y: zeros of its shape, built here
-        y = grad_out.new_zeros(()).expand(ctx.y_shape)
     grad_y, grad_weights = _ops.unpermute_backward.default(
-        grad_out.contiguous(), y, slot_rows, weights, zero_unreferenced=ctx.zero_unreferenced)
+        grad_out.contiguous(), _stand_in(y, grad_out, ctx.y_shape), slot_rows, weights, zero_unreferenced=ctx.zero_unreferenced)
     return (grad_y if ctx.needs_input_grad[0] else None, None,
             grad_weights if ctx.needs_input_grad[2] else None)
 
@@ -339,7 +344,9 @@ torch.library.register_autograd("anyexperts::unpermute", _unpermute_backward,
 
 def _add_virtual_setup(ctx, inputs, output):
     _out, x, ids, weights, num_real, sources, const_vectors = inputs
-    ctx.save_for_backward(x, ids, weights, sources, const_vectors)
+    ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, ids, weights, sources,
+                          const_vectors)
+    ctx.x_shape = x.shape
     ctx.num_real = num_real
 
 
@@ -350,7 +357,7 @@ def _add_virtual_backward(ctx, grad):
     grad_x = grad_w = grad_const = None
     if need[1] or need[3]:
         grad_x, grad_w = _ops.add_virtual_backward.default(
-            grad, x, ids, weights, ctx.num_real, sources, const_vectors)
+            grad, _stand_in(x, grad, ctx.x_shape), ids, weights, ctx.num_real, sources, const_vectors)
     if need[6] and const_vectors.shape[0] > 0:
         # d const_vectors[c] = sum over tokens of (their weight on c) * grad[t]: one product
         C = const_vectors.shape[0]
