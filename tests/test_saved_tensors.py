@@ -164,3 +164,27 @@ def test_add_virtual_under_frozen_weights_keeps_no_x():
     (got_x,) = torch.autograd.grad(out, x_in, grad)
     assert_close(got_x, want_x, rtol=0, atol=0)
     assert (want_x != 0).any()   # some token has a copy slot
+
+
+def test_stand_ins_trace_under_compile():
+    """The zeros a backward op gets for an input not kept are made in the traced backward
+    too, with dynamic shapes: compiled gradients equal eager ones."""
+    H = 8
+
+    def grads(T, compiled):
+        gen = torch.Generator().manual_seed(T)
+        x = torch.randn(T, H, generator=gen, requires_grad=True)
+        a = torch.rand(T, generator=gen) * 0.1                       # frozen: no x kept
+        y = torch.randn(2 * T, H, generator=gen, requires_grad=True)
+        rows = torch.randperm(2 * T, generator=gen).reshape(T, 2).to(torch.int32)
+        w = torch.rand(T, 2, generator=gen)                           # frozen: no y kept
+
+        def f(x, y):
+            return ae.hsm(x, a).square().sum() + ae.unpermute(y, rows, w).square().sum()
+        if compiled:
+            f = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+        return torch.autograd.grad(f(x, y), (x, y))
+
+    for T in (5, 9):
+        for got, want in zip(grads(T, True), grads(T, False)):
+            assert_close(got, want, rtol=0, atol=0)
