@@ -608,7 +608,7 @@ def markdown(meta, rows) -> str:
           if meta.get("backend_override") else []),
         f"TFLOP/s (bf16, median of {meta['rounds'] * meta['iters']} CUDA-event times, the"
         " implementations timed in turns). speedup = torch._grouped_mm time / ours, with its"
-        f" 25th-75th percentile over the {meta['rounds']} rounds in brackets;"
+        f" 25th-75th percentile over the rounds ({meta['rounds']}) in brackets;"
         " % dense = ours / one dense cuBLAS GEMM of equal FLOPs.",
         "",
         "| shape | load | op | M x K x N | anyexperts | torch._grouped_mm | cuBLAS loop |"
