@@ -50,11 +50,20 @@ def _grouped_mm_samples():
     yield "bf16", (torch.randn(16, 8, dtype=torch.bfloat16, requires_grad=True),
                    torch.randn(2, 8, 8, dtype=torch.bfloat16, requires_grad=True),
                    torch.tensor([8, 16], dtype=torch.int32))
+    # one operand frozen: the other is then not saved (ops.py)
+    yield "b-frozen", (torch.randn(20, 8, requires_grad=True), torch.randn(3, 8, 5),
+                       random_offsets(3, 20))
+    yield "a-frozen", (torch.randn(20, 8), torch.randn(3, 8, 5, requires_grad=True),
+                       random_offsets(3, 20))
 
 
 def _wgrad_samples():
     yield "plain", (torch.randn(20, 8), torch.randn(20, 5), random_offsets(3, 20))
     yield "empty", (torch.randn(6, 3), torch.randn(6, 2), torch.zeros(4, dtype=torch.int32))
+    yield "a-needs-grad", (torch.randn(20, 8, requires_grad=True), torch.randn(20, 5),
+                           random_offsets(3, 20))
+    yield "dout-needs-grad", (torch.randn(20, 8), torch.randn(20, 5, requires_grad=True),
+                              random_offsets(3, 20))
 
 
 def _swiglu_samples():
@@ -79,6 +88,7 @@ def _hsm_samples():
     yield "fp64-x-fp32-a", (torch.randn(5, 7, dtype=torch.float64, requires_grad=True),
                             torch.randn(5, requires_grad=True))
     yield "strided-x", (torch.randn(9, 11)[:, 1:].requires_grad_(), torch.randn(9))
+    yield "x-frozen", (torch.randn(10, 6), torch.randn(10, requires_grad=True))
     yield "T0", (torch.randn(0, 4), torch.randn(0))
     yield "H0", (torch.randn(3, 0), torch.randn(3))
 
@@ -100,6 +110,7 @@ def _unpermute_samples():
                    torch.randn(8, 3, requires_grad=True))
     yield "fp64", (torch.randn(30, 6, dtype=torch.float64, requires_grad=True), rows,
                    torch.randn(8, 3, dtype=torch.float64, requires_grad=True))
+    yield "weights-frozen", (torch.randn(30, 6, requires_grad=True), rows, torch.randn(8, 3))
 
 
 def _unpermute_backward_samples():
@@ -122,6 +133,7 @@ def _add_virtual_samples():
     yield "fp16", virtual_inputs(5, 8, 3, 3, dtype=torch.float16)
     out, x, ids, w, n, src, cv = virtual_inputs(6, 5, 3, 4, dtype=torch.float64)
     yield "fp64-fp32-weights", _grad_args((out, x, ids, w.float(), n, src, cv), (0, 1, 3, 6))
+    yield "weights-frozen", _grad_args(virtual_inputs(9, 6, 3, 4), (0, 1, 6))
     yield "T0", virtual_inputs(0, 4, 3, 2)
     yield "H0", virtual_inputs(4, 0, 3, 2)
     yield "K0", virtual_inputs(4, 6, 0, 2)
