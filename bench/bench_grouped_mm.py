@@ -53,7 +53,8 @@ except ImportError:  # run from a source checkout without PYTHONPATH=python
 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 from provenance import code_commit  # noqa: E402
-from timing import error_text, interleaved_rounds_ms, medians, round_ratio_quartiles  # noqa: E402
+from timing import (error_text, interleaved_rounds_ms, medians, quartile_range,  # noqa: E402
+                    round_ratio_quartiles)
 
 ops = torch.ops.anyexperts
 
@@ -140,11 +141,6 @@ def group_sizes(E: int, T: int, top_k: int, load: str, gen: torch.Generator) -> 
         rest -= add
     assert sum(sizes) == R and max(sizes) <= T, (sizes, R, T)
     return sizes
-
-
-def quartiles_text(q) -> str:
-    """' (0.98-1.02)': a speedup's 25th-75th percentile over the rounds, or ''."""
-    return f" ({q[0]:.2f}-{q[1]:.2f})" if q else ""
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -286,11 +282,12 @@ def run_config(name, E, H, F, T, top_k, load, args, gen):
                            error=notes.get(impl))
             rows.append(row)
         ours = times.get("anyexperts")
+        spread = quartile_range(round_ratio_quartiles(by_round, "torch_grouped_mm", "anyexperts"))
         print(f"{name:12s} {load:8s} {op:7s} " + "  ".join(
             f"{impl}={flops / times[impl] / 1e9:7.1f}" if impl in times else f"{impl}=  n/a  "
             for impl in IMPLS) + " TFLOP/s" +
-            (f"  speedup={torch_ms / ours:.2f}x" + quartiles_text(round_ratio_quartiles(
-                by_round, "torch_grouped_mm", "anyexperts")) if ours and torch_ms else "") +
+            (f"  speedup={torch_ms / ours:.2f}x" + (f" ({spread})" if spread else "")
+             if ours and torch_ms else "") +
             (f"  rel_diff={check:.1e}" if check is not None else "") +
             (f"  index_order/largest_first={times['anyexperts_index_order'] / ours:.3f}x"
              if ours and "anyexperts_index_order" in times else ""), flush=True)
@@ -408,8 +405,8 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
                 row["error"] = f"result differs from torch._grouped_mm: rel. diff {diff:.2e}"
                 continue
             fns[label] = fn
-        # All configurations and torch in turns (interleaved_rounds_ms): a clock change during the
-        # sweep then reaches every one of them alike.
+        # All configurations and torch in turns (interleaved_rounds_ms): a clock change
+        # during the sweep then reaches every one of them alike.
         by_round, errors = interleaved_rounds_ms(fns, args.warmup, args.rounds, args.iters)
         times = medians(by_round)
         if TORCH_LABEL in errors:
@@ -426,7 +423,8 @@ def sweep_case(name, E, H, F, T, top_k, load, args, gen):
             if ms is None:
                 row.update(ms=None, tflops=None, speedup_vs_torch_grouped_mm=None)
             else:
-                row.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_torch_grouped_mm=torch_ms / ms,
+                row.update(ms=ms, tflops=flops / ms / 1e9,
+                           speedup_vs_torch_grouped_mm=torch_ms / ms,
                            speedup_round_quartiles=round_ratio_quartiles(
                                by_round, TORCH_LABEL, label))
             rows.append(row)
@@ -550,7 +548,7 @@ def sweep_markdown(meta, rows, summary) -> str:
             f"| {r['shape']} | {r['load']} | {r['op']} | {r['M']}x{r['K']}x{r['N']} | {r['config']} | "
             f"{f(r.get('ms'), '.3f')} | {f(r.get('tflops'), '.1f')} | "
             f"{f(r.get('speedup_vs_torch_grouped_mm'), '.3f')}x | "
-            f"{quartiles_text(r.get('speedup_round_quartiles')).strip(' ()') or 'n/a'} | "
+            f"{quartile_range(r.get('speedup_round_quartiles')) or 'n/a'} | "
             f"{f(r.get('rel_diff_vs_torch_grouped_mm'), '.1e')} |")
     return "\n".join(lines) + "\n"
 
@@ -622,6 +620,10 @@ def markdown(meta, rows) -> str:
     def fmt(r):
         return f"{r['tflops']:.1f}" if r and r.get("tflops") else "n/a"
 
+    def spread(r):
+        q = quartile_range(r.get("speedup_round_quartiles"))
+        return f" ({q})" if q else ""
+
     for (shape, load, op), impls in by_key.items():
         ours = impls.get("anyexperts", {})
         sp = ours.get("speedup_vs_torch_grouped_mm")
@@ -631,8 +633,7 @@ def markdown(meta, rows) -> str:
             f"| {shape} | {load} | {op} | {any_row['M']}x{any_row['K']}x{any_row['N']} | "
             f"{fmt(ours)} | {fmt(impls.get('torch_grouped_mm'))} | "
             f"{fmt(impls.get('cublas_loop'))} | {fmt(impls.get('dense_cublas'))} | "
-            f"{f'{sp:.2f}x' if sp else 'n/a'}"
-            f"{quartiles_text(ours.get('speedup_round_quartiles')) if sp else ''} | "
+            f"{f'{sp:.2f}x' if sp else 'n/a'}{spread(ours) if sp else ''} | "
             f"{f'{100 * fd:.0f}%' if fd else 'n/a'} |")
     gains = [r for r in rows if r.get("largest_first_gain")]
     if gains:

@@ -87,7 +87,8 @@ if HERE not in sys.path:
     sys.path.append(HERE)  # appended, never first: bench/profile.py must not shadow stdlib
 from baselines import EagerLoopMoE, GroupedMMMoE, Weight0Backend  # noqa: E402
 from provenance import code_commit  # noqa: E402
-from timing import interleaved_rounds_ms, medians, round_ratio_quartiles  # noqa: E402
+from timing import (interleaved_rounds_ms, medians, quartile_range,  # noqa: E402
+                    round_ratio_quartiles)
 
 # ---- shapes ---------------------------------------------------------------------------
 
@@ -622,9 +623,9 @@ class Suite:
         """The headline ratio measured once more, the static top-K layer and `layer` (at
         its current budget) timed in turns (timing.interleaved_rounds_ms), into `rows`
         (layer's fwd and fwd_bwd rows): time_ratio_vs_static_topk_in_turns, and its 25th-75th
-        percentile over the rounds (time_ratio_in_turns_round_quartiles). One after the other, as the
-        other rows are timed, a change of the GPU's clock between the two reaches one of
-        them only (about +-0.02 on the ratio between runs)."""
+        percentile over the rounds (time_ratio_in_turns_round_quartiles). One after the
+        other, as the other rows are timed, a change of the GPU's clock between the two
+        reaches one of them only (about +-0.02 on the ratio between runs)."""
         steps = {"fwd": lambda m: forward_step(layer_call(m), x),
                  "fwd_bwd": lambda m: training_step(layer_call(m), list(m.parameters()), x,
                                                     dy)[0]}
@@ -1209,10 +1210,11 @@ def markdown(doc: dict) -> str:
         for name, e in summ.items():
             ov = e.get("max_routing_overhead_frac_anyexperts") or {}
             oc = e.get("routing_overhead_frac_compiled") or {}
-            q = e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns_round_quartiles")
+            q = quartile_range(
+                e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns_round_quartiles"))
             ratio = (_fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd"), "{:.2f}") + "; " +
                      _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_in_turns"), "{:.2f}") +
-                     (f" ({q[0]:.2f}-{q[1]:.2f} over the rounds)" if q else ""))
+                     (f" ({q} over the rounds)" if q else ""))
             ratio_c = _fmt(e.get("ratio_lowest_avgk_vs_static_fwd_bwd_compiled"), "{:.2f}")
             lines.append(f"| {name} | {ratio} | {pct(ov.get('fwd'))} / {pct(ov.get('fwd_bwd'))}"
                          f" | {_fmt(e.get('speedup_vs_eager_fwd_bwd_at_avgk_topk'), '{:.2f}x')}"

@@ -38,6 +38,11 @@ def round_ratio_quartiles(by_round: dict, num: str, den: str):
     return q1, q3
 
 
+def quartile_range(q) -> str:
+    """'0.98-1.02' for round_ratio_quartiles' (q1, q3), '' for None."""
+    return f"{q[0]:.2f}-{q[1]:.2f}" if q else ""
+
+
 def interleaved_rounds_ms(fns: dict, warmup: int, rounds: int, iters: int, device="cuda"):
     """Times each callable in `fns` (name -> fn) in turns: each of `rounds` rounds times
     `iters` calls of every callable, in an order shuffled anew each round (seeded).

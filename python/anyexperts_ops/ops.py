@@ -333,7 +333,8 @@ def _unpermute_setup(ctx, inputs, keyword_only_inputs, output):
 def _unpermute_backward(ctx, grad_out):
     y, slot_rows, weights = ctx.saved_tensors
     grad_y, grad_weights = _ops.unpermute_backward.default(
-        grad_out.contiguous(), _stand_in(y, grad_out, ctx.y_shape), slot_rows, weights, zero_unreferenced=ctx.zero_unreferenced)
+        grad_out.contiguous(), _stand_in(y, grad_out, ctx.y_shape), slot_rows, weights,
+        zero_unreferenced=ctx.zero_unreferenced)
     return (grad_y if ctx.needs_input_grad[0] else None, None,
             grad_weights if ctx.needs_input_grad[2] else None)
 
@@ -357,7 +358,8 @@ def _add_virtual_backward(ctx, grad):
     grad_x = grad_w = grad_const = None
     if need[1] or need[3]:
         grad_x, grad_w = _ops.add_virtual_backward.default(
-            grad, _stand_in(x, grad, ctx.x_shape), ids, weights, ctx.num_real, sources, const_vectors)
+            grad, _stand_in(x, grad, ctx.x_shape), ids, weights, ctx.num_real, sources,
+            const_vectors)
     if need[6] and const_vectors.shape[0] > 0:
         # d const_vectors[c] = sum over tokens of (their weight on c) * grad[t]: one product
         C = const_vectors.shape[0]
