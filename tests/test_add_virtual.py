@@ -3,8 +3,11 @@ values, gradients (fp64 gradcheck through the op's autograd), the codes and ids 
 ignore, NaN behind unused sources, edge shapes and input errors."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from anyexperts_ops import ops, reference
 from conftest import assert_close, assert_exact, rel_norm, virtual_inputs
@@ -120,6 +123,27 @@ def test_backward_matches_reference_autograd(dtype):
         assert rel_norm(a.double(), b.double()) < tol, name
 
 
+@pytest.mark.parametrize("need", [(0,), (1,), (3,), (6,), (3, 6), (1, 3), (0, 1, 3, 6)])
+def test_gradient_only_for_inputs_that_need_it(need):
+    """Each gradient asked for is the reference's, whichever others are asked for (the
+    weights' gradient with x frozen included: a frozen importance predictor leaves x' without
+    gradient while the router's weights still need theirs)."""
+    args = virtual_inputs(20, 8, 5, 4, dtype=torch.float64)
+    g = torch.randn(20, 8, dtype=torch.float64)
+    grads = []
+    for fn in (ops.add_virtual, reference.add_virtual):
+        leaves = [a.detach().clone().requires_grad_(i in need) if isinstance(a, torch.Tensor)
+                  else a for i, a in enumerate(args)]
+        fn(*leaves).backward(g)
+        grads.append([leaves[i].grad for i in (0, 1, 3, 6)])
+    for i, a, b in zip((0, 1, 3, 6), *grads):
+        if i in need:
+            assert a is not None, f"argument {i}: no gradient"
+            assert_close(a, b, f"grad of argument {i}", rtol=1e-10)
+        else:
+            assert a is None, f"argument {i}: a gradient nobody asked for"
+
+
 @pytest.mark.parametrize("T,H,K,M,C", [(0, 4, 3, 7, 2), (5, 0, 3, 7, 2), (5, 4, 0, 7, 2),
                                        (5, 4, 3, 0, 2), (5, 4, 3, 7, 0)])
 def test_empty_dims(T, H, K, M, C):
@@ -167,8 +191,13 @@ def _bad(**change):
     (dict(num_real=-1), "num_real must be in"),
     (dict(num_real=2**31), "num_real must be in"),
 ])
-def test_errors(change, match):
-    with pytest.raises(RuntimeError, match=match):
+@pytest.mark.parametrize("to", ["kernel", "fake"])
+def test_errors(change, match, to):
+    """The kernel's checks, and message for message the fake implementation's (what
+    torch.compile and meta tensors run), as tests/test_errors.py does for the other ops."""
+    ctx = (contextlib.nullcontext() if to == "kernel"
+           else FakeTensorMode(allow_non_fake_inputs=True))
+    with pytest.raises(RuntimeError, match=match), ctx:
         ADD(*_bad(**change))
 
 

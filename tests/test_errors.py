@@ -252,6 +252,36 @@ def test_errors_through_python_wrappers_and_autograd():
                           z(4, dtype=I32), 2, 3, "softmax")
 
 
+
+def test_int32_limits_are_exact_in_the_fakes():
+    """The size limits at their exact ends, on meta tensors (the fake implementations: the
+    kernels would allocate the outputs). permute: R = T*K + num_real*(align-1) may be 2^31 - 1
+    but not 2^31; grouped_mm and grouped_mm_wgrad: a may have 2^31 - 1 rows but not 2^31."""
+    T, K, H = 4, 2, 3
+    x = torch.empty(T, H, device="meta")
+    ids = torch.empty(T, K, dtype=I32, device="meta")
+    room = 2**31 - 1 - T * K
+    x_perm, _, _ = ops.permute(x, ids, 1, room + 1)  # R = 2^31 - 1
+    assert x_perm.shape == (2**31 - 1, H)
+    with pytest.raises(RuntimeError, match=re.escape("R = T*K + num_real*(align-1) must fit")):
+        ops.permute(x, ids, 1, room + 2)
+    with pytest.raises(RuntimeError, match=re.escape("R = T*K + num_real*(align-1) must fit")):
+        perm(num_real=1, align=room + 2)()  # the kernel agrees (it checks before allocating)
+    b = torch.empty(2, 4, 5, device="meta")
+    off = torch.empty(2, dtype=I32, device="meta")
+    for rows, ok in ((2**31 - 1, True), (2**31, False)):
+        a = torch.empty(rows, 4, device="meta")
+        for name, call in (("grouped_mm", lambda: ops.grouped_mm(a, b, off)),
+                           ("grouped_mm_wgrad",
+                            lambda: ops.grouped_mm_wgrad(a, torch.empty(rows, 5, device="meta"),
+                                                         off))):
+            if ok:
+                call()
+            else:
+                with pytest.raises(RuntimeError,
+                                   match=re.escape(f"{name}: a must have fewer than 2^31 rows")):
+                    call()
+
 # ---- device mismatch: CPU with a meta tensor (the fakes' checks) or with CUDA -----------
 
 DEVICE_CASES = {

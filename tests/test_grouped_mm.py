@@ -257,6 +257,26 @@ def test_grad_matches_reference_autograd(transposed_b):
     assert (grads[0][0][tail:] == 0).all(), "rows after the last group get no grad"
 
 
+
+@pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
+def test_weight_gradient_in_the_storage_layout(transposed_b):
+    """README: weights in nn.Linear layout reach grouped_mm as transposed views and their
+    gradients are computed in that layout too: the gradient that reaches the view b is the
+    transpose of a contiguous [G, N, K] tensor (no transposing copy of the whole gradient),
+    and a contiguous b gets a contiguous gradient."""
+    R, Kd, Nd, G = 30, 6, 5, 3
+    a0, b0 = make(R, Kd, Nd, G, transposed_b=transposed_b)
+    offsets = random_offsets(G, R)
+    store = (b0.transpose(1, 2) if transposed_b else b0).clone().requires_grad_()
+    b = store.transpose(1, 2) if transposed_b else store
+    seen = []
+    b.register_hook(seen.append)
+    ops.grouped_mm(a0, b, offsets).backward(torch.randn(R, Nd))
+    (grad_b,) = seen
+    assert grad_b.shape == (G, Kd, Nd)
+    layout = grad_b.transpose(1, 2) if transposed_b else grad_b
+    assert layout.is_contiguous(), f"grad b strides {grad_b.stride()}"
+
 # ---- autocast ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("region", LOW, ids=str)

@@ -92,6 +92,18 @@ def test_handwritten():
     assert_exact(out, expect, "unpermute")
 
 
+def test_sums_slots_in_ascending_order():
+    """out[t] = sum over j ascending (DESIGN.md 3), in fp32: with rows 1, 1e8 and -1e8 the
+    order shows in the result (1 + 1e8 rounds to 1e8 in fp32), in the kernel and in the
+    reference alike."""
+    y = torch.tensor([[1.0], [1e8], [-1e8]])
+    rows = i32([[0, 1, 2], [2, 1, 0], [1, 0, 2]])
+    w = torch.ones(3, 3)
+    want = torch.tensor([[0.0], [1.0], [0.0]])
+    assert_exact(ops.unpermute(y, rows, w), want, "kernel")
+    assert_exact(ref.unpermute(y, rows, w), want, "reference")
+
+
 def test_masked_slots_ignore_their_weights_and_unused_rows_are_not_read():
     T, K, R, H = 12, 4, 60, 8
     y = torch.randn(R, H)
