@@ -181,6 +181,7 @@ def _bad(**change):
     (dict(x=torch.randn(4, 5)), "x must have out's shape"),
     (dict(x=torch.randn(4, 6, dtype=torch.float64)), "x and const_vectors must have out's dtype"),
     (dict(const_vectors=torch.randn(2, 5)), r"const_vectors must be \[C, 6\]"),
+    (dict(const_vectors=torch.randn(2, 7)), r"const_vectors must be \[C, 6\]"),
     (dict(ids=torch.zeros(4, 3)), "ids must be int32"),
     (dict(ids=torch.zeros(5, 3, dtype=torch.int32)), "one row per token"),
     (dict(weights=torch.rand(4, 2)), "weights must have the shape of ids"),

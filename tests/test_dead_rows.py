@@ -239,3 +239,16 @@ def test_layer_zeroes_dead_rows_under_anomaly_mode(monkeypatch):
         _with_backend(m, Recorder(), monkeypatch)
     _with_backend(m, Recorder(), monkeypatch)
     assert seen == [dict(zero_tail=True)] * 2 + [dict(zero_tail=False)] * 2
+
+
+@pytest.mark.parametrize("op,flag", [("permute", "zero_tail"), ("grouped_mm", "zero_tail"),
+                                     ("swiglu", "zero_tail"), ("swiglu_backward", "zero_tail"),
+                                     ("unpermute", "zero_unreferenced"),
+                                     ("unpermute_backward", "zero_unreferenced")])
+def test_flags_are_keyword_only_and_default_to_the_contract(op, flag):
+    """The dead-row flags are keyword-only and default to true: a caller that passes nothing
+    gets DESIGN.md's zeros (the CPU kernels zero some of them regardless, so the schema is
+    where a wrong default would show on every device)."""
+    (arg,) = [a for a in getattr(torch.ops.anyexperts, op).default._schema.arguments
+              if a.name == flag]
+    assert arg.kwarg_only and arg.default_value is True

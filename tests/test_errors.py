@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import requires_cuda
+from conftest import assert_exact, requires_cuda
 
 ops = torch.ops.anyexperts
 I32, I64, F32 = torch.int32, torch.int64, torch.float32
@@ -156,6 +156,7 @@ CASES = {
                      "grouped_mm: a and b must have the same dtype"),
     "gmm-K": (gmm(b=z(3, 5, 4)), "grouped_mm: a[R,K] and b[G,K,N] must agree on K"),
     "gmm-G": (gmm(off=z(2, dtype=I32)), "grouped_mm: offsets must have one entry per group"),
+    "gmm-G-long": (gmm(off=z(4, dtype=I32)), "grouped_mm: offsets must have one entry per group"),
     # grouped_mm_wgrad
     "wgrad-a-dtype": (wgrad(a=z(10, 4, dtype=I32)), f"grouped_mm_wgrad: a {FLOATS}"),
     "wgrad-dout-rank": (wgrad(dout=z(10, 5, 1)), "grouped_mm_wgrad: dout must be 2-D"),
@@ -163,6 +164,8 @@ CASES = {
     "wgrad-dtype": (wgrad(dout=z(10, 5, dtype=torch.float64)),
                     "grouped_mm_wgrad: a and dout must have the same dtype"),
     "wgrad-rows": (wgrad(dout=z(9, 5)), "grouped_mm_wgrad: a and dout must have the same rows"),
+    "wgrad-rows-more": (wgrad(dout=z(11, 5)),
+                        "grouped_mm_wgrad: a and dout must have the same rows"),
     # swiglu
     "swiglu-gu-dtype": (swiglu(gu=z(10, 8, dtype=I32)), f"swiglu: gu {FLOATS}"),
     "swiglu-gu-rank": (swiglu(gu=z(10, 8, 1)), "swiglu: gu must be 2-D, got 3-D"),
@@ -238,6 +241,27 @@ def test_valid_defaults_do_not_raise(to):
         for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), hsm(),
                      hsm_bwd(), unperm(), unperm_bwd()):
             call()
+
+
+@pytest.mark.parametrize("to", ["kernel", "fake"])
+def test_int32_limits_are_inclusive(to):
+    """Sizes that ids, slot rows and offsets index must fit in int32: 2^31 - 1 itself is
+    accepted, one more is not. Zero-size tensors keep the accepted calls cheap (T = 0 for
+    k_max; H = 0 for permute, whose R rows are then empty)."""
+    limit = 2**31 - 1
+    with _dispatch(to):
+        ids, w = topk(logits=z(0, 5), slots=z(0, dtype=I32), mv=z(0, dtype=I32), k_max=limit)()
+        assert tuple(ids.shape) == (0, limit) and tuple(w.shape) == (0, limit)
+        # T*K = 8 live slots on expert 0, padded to align: R = 8 + (align - 1) = 2^31 - 1.
+        x_perm, offsets, slot_rows = perm(x=z(4, 0), num_real=1, align=limit - 7)()
+        assert tuple(x_perm.shape) == (limit, 0)
+        if to == "kernel":
+            assert_exact(offsets, torch.tensor([limit - 7], dtype=I32), "offsets")
+            assert_exact(slot_rows, torch.arange(8, dtype=I32).view(4, 2), "slot_rows")
+    with pytest.raises(RuntimeError, match=re.escape("must fit in int32")), _dispatch(to):
+        perm(x=z(4, 0), num_real=1, align=limit - 6)()
+    with pytest.raises(RuntimeError, match=re.escape("k_max must fit in int32")), _dispatch(to):
+        topk(logits=z(0, 5), slots=z(0, dtype=I32), mv=z(0, dtype=I32), k_max=limit + 1)()
 
 
 def test_errors_through_python_wrappers_and_autograd():

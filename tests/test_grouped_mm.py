@@ -74,12 +74,16 @@ def test_empty_groups_and_all_rows_in_one_group():
     assert (ops.grouped_mm(a, b, i32([0, 0, 0, 0])) == 0).all()
 
 
-@pytest.mark.parametrize("offsets", [
+BAD_OFFSETS = [
     [10, 5, 30, 2],          # non-monotone: group 1 and 3 empty
     [-3, 4, -1, 12],         # negative
     [8, 1000, 20, 2**31 - 1],  # beyond R
     [-2**31, 50, 49, 60],
-], ids=["nonmono", "negative", "beyond", "extremes"])
+]
+BAD_OFFSETS_IDS = ["nonmono", "negative", "beyond", "extremes"]
+
+
+@pytest.mark.parametrize("offsets", BAD_OFFSETS, ids=BAD_OFFSETS_IDS)
 def test_bad_offsets_clamped_by_rule(offsets):
     R = 40
     a, b = make(R, 6, 5, 4)
@@ -185,6 +189,24 @@ def test_wgrad_handwritten_and_clamped_offsets():
     db = ops.grouped_mm_wgrad(a, dout, offsets)
     expect = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]], [[3.0, 3.0]]])
     assert_exact(db, expect, "wgrad")
+
+
+@pytest.mark.parametrize("offsets", BAD_OFFSETS, ids=BAD_OFFSETS_IDS)
+def test_wgrad_bad_offsets_clamped_by_rule(offsets):
+    """wgrad's groups are grouped_mm's: end(g) = clamp(max(off[0..g]), 0, R)."""
+    R, Kd, Nd = 40, 5, 3
+    a, dout = torch.randn(R, Kd), torch.randn(R, Nd)
+    off = i32(offsets)
+    db = ops.grouped_mm_wgrad(a, dout, off)
+    assert_close(db, ref.grouped_mm_wgrad(a, dout, off), "vs reference")
+    expect = torch.zeros(4, Kd, Nd)
+    start = 0
+    for g in range(4):
+        end = min(max(0, max(offsets[: g + 1])), R)
+        if end > start:
+            expect[g] = a[start:end].t() @ dout[start:end]
+        start = end
+    assert_close(db, expect, "vs rules.h group_span")
 
 
 def test_wgrad_ignores_rows_outside_groups():

@@ -55,6 +55,20 @@ def test_backward_matches_reference_autograd(shape, dtype):
     assert_close(grad_a, a64.grad.to(grad_a.dtype), "grad_a")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cpu_rounds_as_the_reference(dtype):
+    """On the CPU (built with -ffp-contract=off) out = x + a*x and grad_x = g + a*g are the
+    reference's two roundings in fp32 (fp64 for fp64), then one to x's dtype: bitwise equal
+    (a (1 + a) * x form rounds differently)."""
+    x, a = _inputs(64, 96, dtype)
+    a = a * 8                                  # |a| up to 4: wider spread of roundings
+    g = torch.randn(64, 96, dtype=torch.float64).to(dtype)
+    assert_exact(ops.hsm(x, a), ref.hsm(x, a), f"hsm {dtype}")
+    xr = x.clone().requires_grad_()
+    ref.hsm(xr, a).backward(g)
+    assert_exact(ops.hsm_backward(g, x, a)[0], xr.grad, f"grad_x {dtype}")
+
+
 def test_empty_rows_have_zero_grad_a():
     grad_x, grad_a = ops.hsm_backward(torch.randn(6, 0), torch.randn(6, 0), torch.randn(6))
     assert grad_x.shape == (6, 0)

@@ -195,6 +195,40 @@ def test_normalised_weights_exact_when_a_capped_candidate_leads_by_far(norm, gap
     assert_close(l32.grad, l64.grad, "grad logits", atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_normalised_weights_of_very_negative_logits(norm):
+    """Logits all far below 0 (every exp(logit) underflows in fp32): softmax and the set
+    shares are shift invariant, so the weights are those of the reference, finite and,
+    under "selected", summing to 1 over the taken slots."""
+    logits, slots, mv = routing_inputs(24, 9, 4)
+    logits = logits - 300.0
+    slots = slots.clamp(min=1)
+    ids, w = check_vs_reference(logits, slots, mv, 4, 6, norm, "logits - 300")
+    assert torch.isfinite(w).all()
+    if norm == "selected":
+        assert_close(w.sum(1), torch.ones(24), "selected weights sum to 1")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_weights_of_rows_with_a_nan_softmax_match_reference(norm):
+    """A NaN logit (even one not taken) or a +inf one makes the row's softmax NaN: the
+    weights of the norm's set are NaN, as the reference's p / sum p; weights outside the set
+    (virtual slots under "real", empty slots) stay exactly 0."""
+    logits = torch.tensor([[NAN, 1.0, 0.0, 2.0, 3.0, -1.0],
+                           [1.0, INF, 0.0, 2.0, 0.5, -1.0],
+                           [0.5, 1.5, -0.5, 0.0, 2.5, 1.0]])
+    slots, mv = i32([3, 2, 3]), i32([1, 0, 1])       # candidates 4 and 5 virtual
+    ids, w = topk(logits, slots, mv, 4, 4, norm)
+    rids, rw = ref.segmented_topk(logits, slots, mv, 4, 4, norm)
+    assert_exact(ids, rids, "ids")
+    assert_exact(ids, i32([[4, 3, 1, -1], [1, 3, -1, -1], [4, 1, 0, -1]]), "ids")
+    assert_close(w, rw, f"weights norm={norm}", atol=1e-7, equal_nan=True)
+    assert torch.isnan(w[0, 1:3]).all() and torch.isnan(w[1, :2]).all()
+    assert torch.isfinite(w[2]).all()
+    assert (w[:, 3] == 0).all() and w[1, 2] == 0
+    assert bool(torch.isnan(w[0, 0])) == (norm != "real")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_ranking_uses_input_values(dtype):
     # Values distinct in the input dtype must rank by value, not collapse to ties.
@@ -431,3 +465,50 @@ def test_backward_op_direct(norm):
     _, rw = ref.segmented_topk(l, slots, mv, k, N, norm)
     (rg,) = torch.autograd.grad(rw, l, gw)
     assert_close(g, rg, f"segmented_topk_backward norm={norm}", rtol=1e-10)
+
+
+def test_backward_ignores_ids_outside_the_candidates():
+    """segmented_topk_backward reads only ids in [0, E): any other id (E, junk, negative) is
+    an empty slot, whatever its gradient, exactly as -1."""
+    T, N, M, k = 9, 5, 2, 4
+    E = N + M
+    logits, slots, mv = routing_inputs(T, E, k, dtype=torch.float64)
+    slots = slots.clamp(min=1)
+    ids, _ = ref.segmented_topk(logits, slots, mv, k, N, "selected")
+    junk = i32([E, E + 3, 2**31 - 1, -2, -2**31, E])
+    bad = ids.clone()
+    for t in range(T - 1):                       # not the last row: an id E there is past it
+        bad[t, k - 1] = junk[t % len(junk)]
+    gw = torch.randn(T, k, dtype=torch.float64)
+    clean = torch.where((bad >= 0) & (bad < E), bad, torch.full_like(bad, -1))
+    gw_bad = torch.where(clean >= 0, gw, torch.full_like(gw, NAN))
+    for norm in NORMS:
+        got = ops.segmented_topk_backward(gw_bad, logits, bad, N, norm)
+        want = ops.segmented_topk_backward(gw, logits, clean, N, norm)
+        assert torch.isfinite(got).all(), norm
+        assert_exact(got, want, f"junk ids as empty slots, norm={norm}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_grad_of_weights_fixed_at_zero_does_not_reach_logits(norm):
+    """Empty slots, and virtual slots under "real", weigh exactly 0 whatever the logits: a
+    gradient on them, even NaN or inf, takes no part (as in the reference's autograd)."""
+    T, N, M, k = 16, 5, 3, 4
+    logits, _, _ = routing_inputs(T, N + M, k, dtype=torch.float64)
+    slots = randint(1, k, (T,))
+    mv = slots.clone()                            # virtual slots are taken
+    logits[:, N:] += 1.0
+    ids, _ = ref.segmented_topk(logits, slots, mv, k, N, norm)
+    fixed = ids < 0 if norm != "real" else (ids < 0) | (ids >= N)
+    assert fixed.any() and (norm != "real" or (ids >= N).any())
+    gw = torch.randn(T, k, dtype=torch.float64)
+    gw_bad = gw.masked_fill(fixed, NAN)
+    gw_bad[0].masked_fill_(fixed[0], INF)
+    got = ops.segmented_topk_backward(gw_bad, logits, ids, N, norm)
+    assert torch.isfinite(got).all()
+    assert_exact(got, ops.segmented_topk_backward(gw.masked_fill(fixed, 0.0), logits, ids, N,
+                                                  norm), "fixed-zero slots' gradient ignored")
+    l = logits.clone().requires_grad_()
+    _, rw = ref.segmented_topk(l, slots, mv, k, N, norm)
+    (rg,) = torch.autograd.grad(rw, l, gw_bad)
+    assert_close(got, rg, f"vs reference autograd norm={norm}", rtol=1e-10)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from anyexperts_ops import reference as ref
 from conftest import (FLOAT_DTYPES, assert_close, assert_exact, check_float,
@@ -132,6 +133,28 @@ def test_accumulation_is_fp32_for_bf16():
     assert_exact(out, torch.full((1, 4), 384.0, dtype=torch.bfloat16), "fp32 accumulation")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weights_stay_fp32_for_half_types(dtype):
+    """A weight of 1 + eps/2 (not representable in y's dtype) times 3 is 3 + 1.5 eps in fp32,
+    which rounds once to 3 + 2 eps; a weight rounded to y's dtype first would give 3."""
+    eps = torch.finfo(dtype).eps
+    y = torch.full((1, 4), 3.0, dtype=dtype)
+    w = torch.tensor([[1.0 + eps / 2]])
+    out = ops.unpermute(y, i32([[0]]), w)
+    assert_exact(out, torch.full((1, 4), 3.0 + 2 * eps, dtype=dtype), "fp32 weights")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cpu_rounds_as_the_reference(dtype):
+    """On the CPU (built with -ffp-contract=off) the op rounds as reference.unpermute: the
+    same fp32 products and sums in the same order, rounded once: bitwise equal."""
+    T, K, R, H = 40, 6, 200, 24
+    y = torch.randn(R, H, dtype=torch.float64).to(dtype)
+    slot_rows = random_slot_rows(T, K, R)
+    w = torch.rand(T, K, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_exact(ops.unpermute(y, slot_rows, w), ref.unpermute(y, slot_rows, w), str(dtype))
+
+
 # ---- layout and determinism -----------------------------------------------------------
 
 def test_non_contiguous_inputs():
@@ -205,6 +228,25 @@ def test_grad_matches_reference_autograd(dtype):
         check_float(gw, rw.double(), dtype, "grad weights bf16")
     live = (slot_rows >= 0) & (slot_rows < R)
     assert (gw[~live] == 0).all(), "masked slots get zero weight grad"
+
+
+def test_backward_op_fp64_data_with_fp32_weights():
+    """grad_weights has the weights' dtype (fp32 here), grad_y y's (fp64): what the fake
+    implementation promises and what the reference's autograd gives."""
+    T, K, R, H = 7, 3, 20, 5
+    y = torch.randn(R, H, dtype=torch.float64)
+    slot_rows = random_slot_rows(T, K, R)
+    w = torch.randn(T, K)
+    g = torch.randn(T, H, dtype=torch.float64)
+    gy, gw = ops.unpermute_backward(g, y, slot_rows, w)
+    assert gy.dtype == torch.float64 and gw.dtype == torch.float32
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fy, fw = ops.unpermute_backward(g, y, slot_rows, w)
+    assert (fy.dtype, fw.dtype) == (gy.dtype, gw.dtype), "kernel and fake agree"
+    y1, w1 = y.clone().requires_grad_(), w.clone().requires_grad_()
+    ref.unpermute(y1, slot_rows, w1).backward(g)
+    assert_close(gy, y1.grad, "grad y", rtol=1e-12)
+    assert_close(gw, w1.grad, "grad weights")
 
 
 def test_grad_ignores_nan_behind_masked_slots():
