@@ -71,6 +71,17 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def one_thread():
+    """For files of tiny shapes (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    intra-op threads only add wake-up latency there, which on a loaded 2-core CI machine costs
+    ~20 ms per parallel op. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def gen(_seed_everything) -> torch.Generator:
     """A CPU generator seeded with this test's seed (so ANYEXPERTS_TEST_SEED replays it)."""
     return torch.Generator().manual_seed(_seed_everything)

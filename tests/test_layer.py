@@ -25,14 +25,7 @@ from anyexperts_ops.stats import RoutingStats, StatsMeter
 H, FFN = 16, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The shapes here are tiny: intra-op threads only add wake-up latency, which on a
-    loaded 2-core CI machine costs ~20 ms per parallel op. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(**kw) -> AnyExpertsMoE:

@@ -21,12 +21,7 @@ DEVICES = pytest.mark.parametrize("device", [
                                                          reason="needs a CUDA GPU"))])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tables(m):

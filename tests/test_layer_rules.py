@@ -20,12 +20,7 @@ from anyexperts_ops.stats import (RoutingRecord, StatsMeter, load_balance_loss, 
 from test_layer import FFN, H, _layer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- config -----------------------------------------------------------------------------
