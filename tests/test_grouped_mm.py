@@ -279,7 +279,6 @@ def test_grad_matches_reference_autograd(transposed_b):
     assert (grads[0][0][tail:] == 0).all(), "rows after the last group get no grad"
 
 
-
 @pytest.mark.parametrize("transposed_b", [False, True], ids=["b", "bT"])
 def test_weight_gradient_in_the_storage_layout(transposed_b):
     """README: weights in nn.Linear layout reach grouped_mm as transposed views and their
@@ -298,6 +297,7 @@ def test_weight_gradient_in_the_storage_layout(transposed_b):
     assert grad_b.shape == (G, Kd, Nd)
     layout = grad_b.transpose(1, 2) if transposed_b else grad_b
     assert layout.is_contiguous(), f"grad b strides {grad_b.stride()}"
+
 
 # ---- autocast ---------------------------------------------------------------------------
 
