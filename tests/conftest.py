@@ -233,10 +233,12 @@ def fast_segmented_topk(logits, slots, max_virtual, k_max, num_real, norm="none"
 
     if norm == "none":
         return ids.to(torch.int32), torch.where(live, at_ids(torch.softmax(logits.to(acc), -1)), zero)
-    # p / sum p over the set as a softmax of log p over it, as reference.py writes it
+    # p / sum p over the set as a softmax of the logits over it, NaN where p is, as
+    # reference.py writes it
     in_set = live & (ids < num_real) if norm == "real" else live
-    lp = torch.where(in_set, at_ids(torch.log_softmax(logits.to(acc), -1)), float("-inf"))
-    return ids.to(torch.int32), torch.where(in_set, torch.softmax(lp, dim=1), zero)
+    share = torch.softmax(torch.where(in_set, at_ids(logits.to(acc)), float("-inf")), dim=1)
+    p = at_ids(torch.softmax(logits.to(acc), -1))
+    return ids.to(torch.int32), torch.where(in_set, torch.where(p.isnan(), p, share), zero)
 
 
 def fast_permute(x, ids, num_real, align):

@@ -91,7 +91,6 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
     T, E = logits.shape
     lg = logits.to(_opmath(logits.dtype))
     p = torch.softmax(lg, dim=-1)
-    log_p = torch.log_softmax(lg, dim=-1) if norm != "none" else None
     ids = torch.full((T, k_max), -1, dtype=torch.int32)
     taken = []  # per token: list of (slot j, candidate)
     for t in range(T):
@@ -118,11 +117,14 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
             w = [p[t, c] for c in chosen]
         else:
             # p / (sum of p over the set: the taken slots, or the taken real ones), written as
-            # a softmax of log p over the set: it stays exact where a capped virtual candidate
-            # leads the whole set so far that every p of it underflows, and a row whose
-            # softmax is NaN still gets NaN weights (and gradients), as p / sum p does.
+            # a softmax of the logits over the set: it stays exact where a capped virtual
+            # candidate leads the whole set so far that every p of it underflows (a softmax of
+            # log p would carry log p's rounding, |log p| ulps: 1e-5 relative at 100), and a
+            # row whose softmax is NaN still gets NaN weights (and gradients), as p / sum p does.
             members = [j for j, c in enumerate(chosen) if norm == "selected" or c < num_real]
-            share = torch.softmax(log_p[t, [chosen[j] for j in members]], dim=0)
+            cand = [chosen[j] for j in members]
+            share = torch.softmax(lg[t, cand], dim=0)
+            share = torch.where(p[t, cand].isnan(), p[t, cand], share)
             w = [zero] * len(chosen)
             for i, j in enumerate(members):
                 w[j] = share[i]
