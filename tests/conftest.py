@@ -6,12 +6,14 @@ test's report names its seed, so `ANYEXPERTS_TEST_SEED=<seed> pytest <test id>` 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import anyexperts_ops  # noqa: F401  (registers torch.ops.anyexperts)
 from anyexperts_ops import reference as ref
@@ -21,6 +23,13 @@ _current_seed: int | None = None
 _failed_seeds: list[tuple[str, int]] = []
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def dispatch_to(to: str):
+    """"kernel": the CPU kernels; "fake": the same calls traced by a FakeTensorMode, which
+    turns the CPU inputs into fake tensors and runs the fake implementations."""
+    return (contextlib.nullcontext() if to == "kernel"
+            else FakeTensorMode(allow_non_fake_inputs=True))
 
 
 # ---- seeding --------------------------------------------------------------------------

@@ -4,7 +4,6 @@ message, from the fake implementations (python/anyexperts_ops/checks.py) that to
 and meta tensors run instead."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -13,9 +12,8 @@ import sys
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import assert_exact, requires_cuda
+from conftest import assert_exact, dispatch_to, requires_cuda
 
 ops = torch.ops.anyexperts
 I32, I64, F32 = torch.int32, torch.int64, torch.float32
@@ -218,18 +216,11 @@ CASES = {
 }
 
 
-def _dispatch(to: str):
-    """"kernel": the CPU kernels; "fake": the same calls traced by a FakeTensorMode, which
-    turns the CPU inputs into fake tensors and runs the fake implementations."""
-    return (contextlib.nullcontext() if to == "kernel"
-            else FakeTensorMode(allow_non_fake_inputs=True))
-
-
 @pytest.mark.parametrize("to", ["kernel", "fake"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_invalid_input_raises_clear_error(case, to):
     call, message = CASES[case]
-    with pytest.raises(RuntimeError, match=re.escape(message)), _dispatch(to):
+    with pytest.raises(RuntimeError, match=re.escape(message)), dispatch_to(to):
         call()
 
 
@@ -237,7 +228,7 @@ def test_invalid_input_raises_clear_error(case, to):
 def test_valid_defaults_do_not_raise(to):
     """The builders above are valid without their one wrong argument (so each case fails
     for the reason it names)."""
-    with _dispatch(to):
+    with dispatch_to(to):
         for call in (topk(), topk_bwd(), perm(), gmm(), wgrad(), swiglu(), swiglu_bwd(), hsm(),
                      hsm_bwd(), unperm(), unperm_bwd()):
             call()
@@ -249,7 +240,7 @@ def test_int32_limits_are_inclusive(to):
     accepted, one more is not. Zero-size tensors keep the accepted calls cheap (T = 0 for
     k_max; H = 0 for permute, whose R rows are then empty)."""
     limit = 2**31 - 1
-    with _dispatch(to):
+    with dispatch_to(to):
         ids, w = topk(logits=z(0, 5), slots=z(0, dtype=I32), mv=z(0, dtype=I32), k_max=limit)()
         assert tuple(ids.shape) == (0, limit) and tuple(w.shape) == (0, limit)
         # T*K = 8 live slots on expert 0, padded to align: R = 8 + (align - 1) = 2^31 - 1.
@@ -259,9 +250,9 @@ def test_int32_limits_are_inclusive(to):
             assert_exact(offsets, torch.tensor([limit - 7], dtype=I32), "offsets")
             assert_exact(slot_rows, torch.arange(8, dtype=I32).view(4, 2), "slot_rows")
     with pytest.raises(RuntimeError, match=re.escape("R = T*K + num_real*(align-1) must fit")), \
-            _dispatch(to):
+            dispatch_to(to):
         perm(x=z(4, 0), num_real=1, align=limit - 6)()
-    with pytest.raises(RuntimeError, match=re.escape("k_max must fit in int32")), _dispatch(to):
+    with pytest.raises(RuntimeError, match=re.escape("k_max must fit in int32")), dispatch_to(to):
         topk(logits=z(0, 5), slots=z(0, dtype=I32), mv=z(0, dtype=I32), k_max=limit + 1)()
 
 
