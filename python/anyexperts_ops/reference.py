@@ -123,8 +123,8 @@ def segmented_topk(logits: torch.Tensor, slots: torch.Tensor, max_virtual: torch
             # row whose softmax is NaN still gets NaN weights (and gradients), as p / sum p does.
             members = [j for j, c in enumerate(chosen) if norm == "selected" or c < num_real]
             cand = [chosen[j] for j in members]
-            share = torch.softmax(lg[t, cand], dim=0)
-            share = torch.where(p[t, cand].isnan(), p[t, cand], share)
+            p_set = p[t, cand]
+            share = torch.where(p_set.isnan(), p_set, torch.softmax(lg[t, cand], dim=0))
             w = [zero] * len(chosen)
             for i, j in enumerate(members):
                 w[j] = share[i]
